@@ -1,0 +1,48 @@
+"""graftfx: graft new operators into pretrained diffusion transformers through FX rewrites.
+
+Three import names come from three folders: ``graftfx`` (the engine), ``graftfx.kernels``
+(``kernels/``: Triton kernels beside their PyTorch references) and ``graftfx.rewrites``
+(``rewrites/``: patterns, operators, rule files). There is never a top-level ``kernels``.
+"""
+from setuptools import find_packages, setup
+
+
+def _packages():
+    pkgs = ["graftfx"] + [f"graftfx.{p}" for p in find_packages("graftfx")]
+    for folder in ("kernels", "rewrites"):
+        pkgs.append(f"graftfx.{folder}")
+        pkgs += [f"graftfx.{folder}.{p}" for p in find_packages(folder)]
+    return pkgs
+
+
+setup(
+    name="graftfx",
+    version="0.1.0",
+    description="Graft new operators into pretrained diffusion transformers via FX rewrites",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=_packages(),
+    package_dir={"graftfx.kernels": "kernels", "graftfx.rewrites": "rewrites"},
+    package_data={
+        "graftfx.rewrites": ["rules/*.toml", "studies/*.toml"],
+        "graftfx": ["assets/*", "assets/**/*"],
+    },
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
+        "tomli>=2.0; python_version < '3.11'",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3"],
+        "diffusers": ["diffusers>=0.30"],
+        "flash": ["flash-attn>=2.6"],
+        "mamba": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+    },
+    entry_points={"console_scripts": ["graftfx=graftfx.cli:main"]},
+)
