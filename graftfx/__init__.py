@@ -1,14 +1,27 @@
 """graftfx: graft new operators into pretrained diffusion transformers through FX rewrites.
 
-    model = graftfx.graft(model, "rewrites/rules/dit-xl2-mha-hyena_x-50p.toml", example_inputs)
+    grafted = graftfx.graft(model, "dit-xl2-mha-hyena_x-50p.toml", example_inputs)
 
-trace -> match -> select -> splice are also callable one by one (see README).
+The steps stay callable one by one::
+
+    traced = graftfx.trace(model, example_inputs)     # FX graph, module paths, shapes
+    report = graftfx.match(traced, "self_attention")  # records; nothing changes yet
+    plan = graftfx.select(traced, rules)              # which regions each rule replaces
+    grafted = graftfx.splice(plan)                    # one call_module per region
 """
 from ._layout import install as _install_layout
 
 _install_layout()
 
+from .api import graft, plan  # noqa: E402
 from .errors import GraftError  # noqa: E402
+from .match import Candidate, MatchReport, Region, match, match_all  # noqa: E402
+from .rewrites.rules import Rule, RuleSet, Select, load_rules  # noqa: E402
+from .select import Plan, select  # noqa: E402
+from .splice import GraftedModule, splice  # noqa: E402
+from .trace import TracedGraph, trace  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GraftError", "__version__"]
+__all__ = ["graft", "plan", "trace", "match", "match_all", "select", "splice", "load_rules", "Rule",
+           "RuleSet", "Select", "Region", "MatchReport", "Candidate", "Plan", "GraftedModule",
+           "TracedGraph", "GraftError", "__version__"]

@@ -1,3 +1,6 @@
+from .match import match, match_all
 from .region import CROSS_ATTENTION, JOINT_ATTENTION, MLP, SELF_ATTENTION, Region
+from .report import Candidate, MatchReport
 
-__all__ = ["Region", "SELF_ATTENTION", "CROSS_ATTENTION", "JOINT_ATTENTION", "MLP"]
+__all__ = ["match", "match_all", "Region", "MatchReport", "Candidate", "SELF_ATTENTION",
+           "CROSS_ATTENTION", "JOINT_ATTENTION", "MLP"]

@@ -1,0 +1,231 @@
+"""Graph walks shared by the patterns: back to a projection, forward to a projection, region sets,
+and the layout probe that reads which channels of a projection end up where.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from graftfx.trace.ops import SHAPE_OPS, linear_input, op_kind, tensor_args
+from graftfx.trace.tracer import node_shape
+
+NORMS = {"layer_norm", "rms_norm", "group_norm"}
+SCALARS = (int, float)
+
+
+@dataclass
+class Chain:
+    """A path from a source node to a consumer's argument through value-preserving ops."""
+
+    source: fx.Node | None                  # the linear (or other op) the walk stopped at
+    nodes: list[fx.Node] = field(default_factory=list)  # source's consumers up to the end, in order
+    scale: float = 1.0                      # product of scalar multiplies on the way
+    norm: fx.Node | None = None             # a q/k norm crossed on the way
+    stop_kind: str = ""                     # op kind of the source
+
+
+def walk_back(start: fx.Node, gm: fx.GraphModule, allow_norm: bool = False) -> Chain:
+    """Follow ``start`` back through shape ops, scalar mul/div (and one norm when allowed)."""
+    chain = Chain(None)
+    node = start
+    while True:
+        kind = op_kind(node, gm)
+        if kind == "linear" or kind == "addmm":
+            chain.source, chain.stop_kind = node, "linear"
+            break
+        if kind in SHAPE_OPS or kind == "size":
+            prev = _first_tensor_arg(node)
+        elif kind in ("mul", "div") and _scalar_operand(node) is not None:
+            value = _scalar_operand(node)
+            chain.scale *= value if kind == "mul" else 1.0 / value
+            prev = _first_tensor_arg(node)
+        elif allow_norm and kind in NORMS and chain.norm is None:
+            chain.norm = node
+            prev = _first_tensor_arg(node)
+        else:
+            chain.source, chain.stop_kind = node, kind
+            break
+        chain.nodes.insert(0, node)
+        if prev is None:
+            chain.source, chain.stop_kind = node, kind
+            break
+        node = prev
+    return chain
+
+
+def walk_forward(start: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, list[fx.Node], str]:
+    """From ``start`` follow single-user shape ops to the next linear.
+
+    Returns (linear or None, nodes crossed, why it stopped).
+    """
+    crossed: list[fx.Node] = []
+    node = start
+    while True:
+        users = [u for u in node.users if not _is_side_effect(u)]
+        if len(users) != 1:
+            return None, crossed, f"{node.name} has {len(users)} users"
+        user = users[0]
+        kind = op_kind(user, gm)
+        if kind in ("linear", "addmm") and linear_input(user, gm) is node:
+            return user, crossed, ""
+        if kind not in SHAPE_OPS:
+            return None, crossed, f"{node.name} flows into {kind} ({user.name}), not a linear"
+        crossed.append(user)
+        node = user
+
+
+def _first_tensor_arg(node: fx.Node) -> fx.Node | None:
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            return a
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, fx.Node):
+                    return b
+    return None
+
+
+def _scalar_operand(node: fx.Node):
+    a, b = (list(node.args) + [None, None])[:2]
+    if isinstance(a, fx.Node) and isinstance(b, SCALARS) and not isinstance(b, bool):
+        return float(b)
+    if isinstance(b, fx.Node) and isinstance(a, SCALARS) and not isinstance(a, bool) and op_kind(node) == "mul":
+        return float(a)
+    return None
+
+
+def _is_side_effect(node: fx.Node) -> bool:
+    return not node.users and op_kind(node) in ("aten::_assert_tensor_metadata", "_assert_tensor_metadata",
+                                                 "aten::_assert_scalar", "_assert_scalar")
+
+
+def descendants(roots: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for a in tensor_args(n):
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def region_nodes(inputs: list[fx.Node], output: fx.Node) -> tuple[fx.Node, ...]:
+    """Nodes on paths from ``inputs`` to ``output`` (output included, inputs excluded), plus
+    the dead-end checks (asserts) hanging off them, in graph order.
+
+    Ancestors of the inputs are excluded: a cross-attention's context also feeds earlier
+    blocks, whose nodes lie between the context and this output but are not this region's.
+    """
+    upstream = set().union(*(ancestors(i) for i in inputs))
+    inside = ((ancestors(output) | {output}) & descendants(inputs)) - upstream
+    extra = {u for n in inside for u in n.users if _is_side_effect(u)}
+    inside |= extra
+    order = {n: i for i, n in enumerate(output.graph.nodes)}
+    return tuple(sorted(inside, key=order.__getitem__))
+
+
+def params_of(nodes, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Parameters and buffers the nodes use, by qualified name (each tensor once)."""
+    found: dict[str, torch.Tensor] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            for name, p in gm.get_submodule(n.target).named_parameters():
+                found[f"{n.target}.{name}"] = p
+        for a in tensor_args(n):
+            if a.op == "get_attr":
+                obj = gm
+                for part in a.target.split("."):
+                    obj = getattr(obj, part)
+                if isinstance(obj, torch.Tensor):
+                    found[a.target] = obj
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout probe: run only the value-moving ops of a chain on channel-index tensors.
+# ---------------------------------------------------------------------------------------------
+
+def probe(chain_nodes: list[fx.Node], seed: fx.Node, seed_value: torch.Tensor, gm: fx.GraphModule,
+          want: fx.Node) -> torch.Tensor:
+    """Evaluate ``want`` from ``seed`` (given ``seed_value``) through ``chain_nodes``.
+
+    Sizes come from the recorded example shapes; norms, dropout and scalar scaling count as
+    identity (they do not move values). Used to learn layouts (which rows of a fused qkv
+    become which head of q) exactly, whatever the model's reshape/permute conventions.
+    """
+    env: dict[fx.Node, object] = {seed: seed_value}
+    chain = set(chain_nodes)
+
+    def value(n):
+        if isinstance(n, fx.Node):
+            if n in env:
+                return env[n]
+            env[n] = evaluate(n)
+            return env[n]
+        if isinstance(n, (list, tuple)):
+            return type(n)(value(x) for x in n)
+        return n
+
+    def evaluate(n: fx.Node):
+        kind = op_kind(n, gm)
+        if n not in chain:
+            return _static_value(n, gm)
+        if kind in NORMS or kind == "dropout" or kind == "identity" or \
+                (kind in ("mul", "div") and _scalar_operand(n) is not None) or kind in ("to", "alias", "clone", "contiguous"):
+            return value(_first_tensor_arg(n))
+        args = value(n.args)
+        kwargs = {k: value(v) for k, v in n.kwargs.items()}
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        raise ValueError(f"cannot probe through {n.op} {n.name}")
+
+    return value(want)
+
+
+def _static_value(n: fx.Node, gm: fx.GraphModule):
+    """Values of side nodes a shape op needs: sizes from recorded shapes, shape attributes."""
+    kind = op_kind(n, gm)
+    if n.op == "call_function" and n.target is builtins.getattr and n.args[1] == "shape":
+        return torch.Size(node_shape(n.args[0]))
+    if kind == "size":
+        shape = node_shape(n.args[0])
+        if n.op == "call_method":
+            return torch.Size(shape) if len(n.args) < 2 else shape[n.args[1]]
+        return shape[n.args[1]]
+    if n.op == "call_function" and n.target is operator.getitem:
+        base = _static_value(n.args[0], gm)
+        return base[n.args[1]]
+    if n.op == "call_function" and n.target in (operator.floordiv, operator.mul, operator.add, operator.sub):
+        a = _static_value(n.args[0], gm) if isinstance(n.args[0], fx.Node) else n.args[0]
+        b = _static_value(n.args[1], gm) if isinstance(n.args[1], fx.Node) else n.args[1]
+        return n.target(a, b)
+    shape = node_shape(n)
+    if shape == ():
+        raise ValueError(f"cannot probe: {n.name} is a runtime scalar")
+    raise ValueError(f"cannot probe through side input {n.name} ({kind})")
+
+
+def channel_ids(shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``shape`` whose value at [..., c] is c (exact in float64)."""
+    ids = torch.arange(shape[-1], dtype=torch.float64)
+    return ids.expand(*shape).clone()

@@ -1,0 +1,3 @@
+from .select import Plan, RuleOutcome, contents, select
+
+__all__ = ["select", "Plan", "RuleOutcome", "contents"]

@@ -1,0 +1,92 @@
+"""``select(traced, rules)``: apply each rule's selection to what its pattern matched -> a plan."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from graftfx.errors import GraftError
+from graftfx.match.match import match
+from graftfx.match.region import Region
+from graftfx.match.report import MatchReport
+from graftfx.rewrites.registry import get_operator, patterns
+from graftfx.rewrites.rules import Rule, RuleSet, load_rules
+from graftfx.trace.tracer import TracedGraph
+
+
+@dataclass
+class RuleOutcome:
+    """One rule's result: what its pattern matched, what it kept, what it skipped and why."""
+
+    rule: Rule
+    report: MatchReport
+    chosen: list[Region] = field(default_factory=list)
+    skipped: list[tuple[Region, str]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    traced: TracedGraph
+    rules: RuleSet
+    outcomes: list[RuleOutcome]
+
+    @property
+    def selected(self) -> list[tuple[Rule, Region]]:
+        return [(o.rule, r) for o in self.outcomes for r in o.chosen]
+
+    def is_selected(self, region: Region) -> bool:
+        return any(r is region for _, r in self.selected)
+
+
+def contents(traced: TracedGraph) -> str:
+    """What the model contains, pattern by pattern: 'self_attention x28, mlp x29'."""
+    counts = Counter()
+    for name, spec in patterns().items():
+        counts[name] = len(spec.matcher(traced).regions)
+    return ", ".join(f"{k} x{v}" for k, v in counts.items() if v) or "no known region"
+
+
+def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
+    """Match every rule and keep the regions its selection names.
+
+    ``strict``: a rule that matches or selects nothing is an error naming what the model has.
+    A region already taken by an earlier rule is skipped for later ones.
+    """
+    ruleset = load_rules(rules)
+    taken: dict[int, str] = {}
+    outcomes = []
+    for rule in ruleset:
+        report = match(traced, rule.pattern)
+        outcome = RuleOutcome(rule, report)
+        spec = get_operator(rule.operator)
+        numbered = [r.block_index for r in report.regions if r.block_index is not None]
+        depth = max(numbered) + 1 if numbered else 0
+        keep = rule.select.blocks(depth) if rule.select.by_index else None
+        for region in report.regions:
+            if region.kind not in spec.kinds:
+                raise GraftError(f"rule {rule.name!r}: operator {rule.operator!r} replaces "
+                                 f"{' or '.join(spec.kinds)} regions, but {region.path} is {region.kind}; "
+                                 f"pick an operator for {region.kind} or another pattern")
+            if keep is not None and (region.block_index is None or region.block_index not in keep):
+                outcome.skipped.append((region, "not in the selected blocks"))
+            elif not rule.select.admits_path(region.path):
+                outcome.skipped.append((region, "path not selected"))
+            elif id(region.output) in taken:
+                outcome.skipped.append((region, f"already replaced by rule {taken[id(region.output)]!r}"))
+            else:
+                outcome.chosen.append(region)
+                taken[id(region.output)] = rule.name
+        if strict and not report.regions:
+            misses = "; ".join(str(c) for c in report.near_misses[:3])
+            raise GraftError(f"rule {rule.name!r}: pattern {rule.pattern!r} matched nothing in "
+                             f"{type(traced.model).__name__}; the model contains: {contents(traced)}"
+                             + (f"; nearest: {misses}" if misses else ""))
+        if strict and not outcome.chosen:
+            raise GraftError(f"rule {rule.name!r}: selected none of the {len(report.regions)} "
+                             f"{rule.pattern} regions ({_paths(report.regions)}); check its select table")
+        outcomes.append(outcome)
+    return Plan(traced, ruleset, outcomes)
+
+
+def _paths(regions) -> str:
+    paths = [r.path for r in regions]
+    return ", ".join(paths[:4]) + (", ..." if len(paths) > 4 else "")

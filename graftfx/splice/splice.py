@@ -1,0 +1,179 @@
+"""``splice(plan)``: replace each selected region by one ``call_module`` node of its new operator.
+
+The traced graph is copied first (the TracedGraph stays as it was, for before/after views).
+Everything outside the regions keeps its nodes and its very weight tensors (shared with the
+original model, not copied). The new operator is installed under the region's own module path
+(``blocks.3.attn``), so the grafted state dict reads like the original one.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graftfx.errors import GraftError
+from graftfx.match.region import Region
+from graftfx.rewrites.registry import get_operator
+from graftfx.rewrites.rules import Rule
+from graftfx.trace.tracer import DTYPE, PATH, SHAPE
+
+from ..select.select import Plan
+
+
+@dataclass
+class Replacement:
+    """One splice: the rule, the region it replaced, and where the new operator lives."""
+
+    rule: Rule
+    region: Region
+    target: str            # module path of the new operator in the grafted model
+    node_name: str         # its call_module node
+    operator: str          # registry name
+
+    def as_dict(self) -> dict:
+        r = self.region
+        return {"rule": self.rule.name, "path": r.path, "kind": r.kind, "target": self.target,
+                "operator": self.operator, "options": dict(self.rule.options), "width": r.width,
+                "tokens": r.tokens, "heads": r.heads, "hidden": r.hidden, "params_before": r.params,
+                "flops_before": r.flops}
+
+
+class GraftedModule(fx.GraphModule):
+    """A rewritten graph module that remembers its grafts.
+
+    Same call signature as the original model. ``spliced_parameters()`` are the only
+    parameters stage-1 distillation trains.
+    """
+
+    grafts: list[Replacement]
+
+    def spliced_modules(self) -> dict[str, nn.Module]:
+        return {g.target: self.get_submodule(g.target) for g in self.grafts}
+
+    def spliced_parameters(self):
+        for module in self.spliced_modules().values():
+            yield from module.parameters()
+
+    def spliced_named_parameters(self):
+        for target, module in self.spliced_modules().items():
+            for name, p in module.named_parameters():
+                yield f"{target}.{name}", p
+
+    def save_state(self, path) -> None:
+        """The grafted model's state as safetensors (tied tensors handled), written atomically."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_model(self, str(tmp))
+        tmp.replace(path)
+
+    def load_state(self, path, strict: bool = True) -> None:
+        from safetensors.torch import load_model
+
+        missing, unexpected = load_model(self, str(path), strict=False)
+        if strict and (missing or unexpected):
+            raise GraftError(f"{path}: state does not fit this grafted model; missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+
+
+def build_operator(rule: Rule, region: Region) -> nn.Module:
+    spec = get_operator(rule.operator)
+    spec.make_config(dict(rule.options), f"rule {rule.name!r}: ")  # validate before building
+    device = _device_of(region)
+    if device.type == "meta":
+        with torch.device("meta"):
+            op = spec.cls.from_region(region, **rule.options)
+    else:
+        op = spec.cls.from_region(region, **rule.options)
+        op = op.to(device=device)
+    if region.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        op = op.to(dtype=region.dtype)
+    return op
+
+
+def _device_of(region: Region) -> torch.device:
+    for t in region.weights.values():
+        return t.device
+    return torch.device("cpu")
+
+
+def splice(plan: Plan) -> GraftedModule:
+    """Apply ``plan`` to a copy of its traced graph and return the grafted module."""
+    traced = plan.traced
+    old = traced.gm.graph
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(old._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(old, env)
+    graph.output(out)
+
+    selected = plan.selected
+    installed: dict[str, nn.Module] = {}
+    records = []
+    for rule, region in selected:
+        op = build_operator(rule, region)
+        node = _replace(graph, env, region)
+        _drop_unused_attrs(graph)
+        target = _free_target(region.path or rule.name, graph, installed, node)
+        node.target = target
+        node.meta[PATH] = target
+        installed[target] = op
+        records.append(Replacement(rule, region, target, node.name, rule.operator))
+    graph.lint()
+
+    root: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            root[node.target] = installed[node.target] if node.target in installed else _fetch(traced.gm, node.target)
+    gm = GraftedModule(root, graph, class_name=type(traced.model).__name__ + "Grafted")
+    gm.grafts = records
+    gm.train(traced.model.training)
+    return gm
+
+
+def _replace(graph: fx.Graph, env, region: Region) -> fx.Node:
+    """Insert the region's call_module node (target set by the caller) and erase the region."""
+    nodes = [env[n] for n in region.nodes]
+    if any(n.graph is not graph or n._erased for n in nodes):
+        raise GraftError(f"region {region.path} overlaps a region spliced before it; select one of them")
+    output = env[region.output]
+    args = (env[region.input],) if region.context is None else (env[region.input], env[region.context])
+    with graph.inserting_after(output):
+        new = graph.call_module("__graftfx_pending__", args)
+    new.meta[SHAPE] = output.meta.get(SHAPE)
+    new.meta[DTYPE] = output.meta.get(DTYPE)
+    new.meta["graftfx_replaces"] = region.path
+    output.replace_all_uses_with(new)
+    for node in reversed(nodes):  # users before producers; keep what nodes outside still use
+        if not node.users:
+            graph.erase_node(node)
+    return new
+
+
+def _drop_unused_attrs(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+
+
+def _free_target(path: str, graph: fx.Graph, installed: dict, new: fx.Node) -> str:
+    """``path`` unless a surviving node still uses a module under it; then ``path_graft``."""
+    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr") and n is not new}
+    target = path.replace("/", "_") or "graft"
+    candidate, k = target, 0
+    while candidate in installed or any(u == candidate or u.startswith(candidate + ".") for u in used):
+        k += 1
+        candidate = f"{target}_graft" if k == 1 else f"{target}_graft{k}"
+    return candidate
+
+
+def _fetch(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,140 @@
+"""MLP pattern: linear -> activation -> linear, and the gated forms (GEGLU, SwiGLU).
+
+Anchored at an activation: its input must come (through reshapes/chunks) from a linear fc1;
+its output must reach a linear fc2 either directly or through ``act(a) * b``, where ``b`` comes
+from the same fc1 (a fused gate, split by chunk: GEGLU as in diffusers) or from a second
+linear of the same input (SwiGLU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from graftfx.match.cost import count_params, graph_flops
+from graftfx.match.region import MLP, Region
+from graftfx.match.report import Candidate, MatchReport, analysis_cache
+from graftfx.match.walk import channel_ids, params_of, probe, region_nodes, walk_back, walk_forward
+from graftfx.trace.ops import SHAPE_OPS, linear_input, linear_params, op_kind
+from graftfx.trace.tracer import TracedGraph, module_path, node_shape
+from graftfx.rewrites.patterns.attention import _common_path, _dtype, _grid, block_index
+from graftfx.rewrites.registry import register_pattern
+
+ACTIVATIONS = {"gelu", "gelu_tanh", "silu", "relu", "mish"}
+
+
+def analyse(traced: TracedGraph) -> tuple[list[Region], list[Candidate]]:
+    cache = analysis_cache(traced)
+    if "mlp" in cache:
+        return cache["mlp"]
+    gm = traced.gm
+    regions, misses = [], []
+    for act in traced.graph.nodes:
+        act_kind = op_kind(act, gm)
+        if act_kind not in ACTIVATIONS:
+            continue
+        path = module_path(act)
+        up = walk_back(act.args[0], gm)
+        if up.stop_kind != "linear":
+            src = f"{up.stop_kind} ({up.source.name})" if up.source is not None else "a graph input"
+            misses.append(Candidate(path, act.name, f"{act_kind} found, but its input comes from {src}, not a linear"))
+            continue
+        fc1 = up.source
+        x = linear_input(fc1, gm)
+        gate_chain = None
+        node, crossed = act, []
+        # Forward: shape ops, then either fc2 directly or a gating multiply.
+        fc2, crossed, stop = walk_forward(act, gm)
+        if fc2 is None:
+            mul = _gating_mul(act, gm)
+            if mul is None:
+                misses.append(Candidate(path, act.name, f"{act_kind} after a linear, but no second linear: {stop}"))
+                continue
+            mul_node, other = mul
+            gate_chain = walk_back(other, gm)
+            if gate_chain.stop_kind != "linear" or linear_input(gate_chain.source, gm) is not x:
+                misses.append(Candidate(path, act.name, f"{act_kind} * {other.name}: the other factor is not a linear of the same input"))
+                continue
+            fc2, crossed2, stop = walk_forward(mul_node, gm)
+            if fc2 is None:
+                misses.append(Candidate(path, act.name, f"gated {act_kind} found, but no output linear: {stop}"))
+                continue
+        try:
+            region = _build(traced, act, act_kind, up, gate_chain, x, fc2)
+        except (ValueError, RuntimeError, TypeError, IndexError) as e:
+            misses.append(Candidate(path, act.name, f"MLP found, but its layout could not be read: {e}"))
+            continue
+        regions.append(region)
+    cache["mlp"] = (regions, misses)
+    return regions, misses
+
+
+def _gating_mul(act: fx.Node, gm):
+    """act (through shape ops) feeds a mul with one other tensor operand: (mul, other)."""
+    node = act
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        kind = op_kind(user, gm)
+        if kind == "mul":
+            tensors = [a for a in user.args[:2] if isinstance(a, fx.Node)]
+            if len(tensors) == 2:
+                return user, tensors[1] if tensors[0] is node else tensors[0]
+            return None
+        if kind not in SHAPE_OPS:
+            return None
+        node = user
+
+
+def _rows(chain, lin, gm, x_shape) -> torch.Tensor:
+    """Rows of ``lin``'s weight that reach the end of ``chain``, in order."""
+    ids = probe(chain.nodes, lin, channel_ids(node_shape(lin)), gm, chain.nodes[-1] if chain.nodes else lin)
+    return ids.reshape(-1, ids.shape[-1])[0].long()
+
+
+def _build(traced, act, act_kind, up, gate_chain, x, fc2) -> Region:
+    gm = traced.gm
+    fc1 = up.source
+    weights: dict[str, torch.Tensor] = {}
+
+    def take(prefix, lin, rows=None):
+        _, w, b = linear_params(lin, gm)
+        w, b = w.detach(), (b.detach() if b is not None else None)
+        if rows is not None and not w.is_meta:
+            w = w[rows]
+            b = b[rows] if b is not None else None
+        elif rows is not None:
+            w = w.new_empty((rows.numel(), w.shape[1]))
+            b = b.new_empty(rows.numel()) if b is not None else None
+        weights[f"{prefix}.weight"] = w
+        if b is not None:
+            weights[f"{prefix}.bias"] = b
+
+    gated = gate_chain is not None
+    if gated:  # 'gate' = through the activation, 'fc1' = the linear branch
+        take("gate", fc1, _rows(up, fc1, gm, None))
+        take("fc1", gate_chain.source, _rows(gate_chain, gate_chain.source, gm, None))
+    else:
+        take("fc1", fc1, _rows(up, fc1, gm, None) if up.nodes else None)
+    take("fc2", fc2)
+    nodes = region_nodes([x], fc2)
+    x_shape = node_shape(x)
+    tokens = x_shape[1] if x_shape and len(x_shape) == 3 else None
+    path = _common_path([module_path(n) for n in (fc1, act, fc2)])
+    return Region(
+        path=path, kind=MLP, pattern=MLP, input=x, output=fc2, nodes=nodes, width=x_shape[-1],
+        out_width=node_shape(fc2)[-1], tokens=tokens, grid=_grid(traced.grid, tokens),
+        hidden=weights["fc1.weight"].shape[0], activation=act_kind, block_index=block_index(path),
+        weights=weights, params=count_params(params_of(nodes, gm).values()),
+        flops=graph_flops(gm, traced.batch_size, nodes), dtype=_dtype(x),
+        details={"gated": gated, "fused_gate": gated and gate_chain.source is fc1, "anchor": act.name},
+    )
+
+
+def _report(traced: TracedGraph) -> MatchReport:
+    regions, misses = analyse(traced)
+    return MatchReport(MLP, list(regions), list(misses))
+
+
+register_pattern(MLP, _report, "linear -> activation -> linear, or gated act(a)*b (GEGLU, SwiGLU) -> linear")

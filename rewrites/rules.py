@@ -1,0 +1,270 @@
+"""Rules: which pattern, which replacement operator, which layers, which options.
+
+A rule file is TOML and never runs code:
+
+    version = 1
+    description = "DiT-XL/2: MHA -> Hyena-X on the paper's 50% layer set"
+
+    [[rule]]
+    name = "attn-hyena_x"
+    pattern = "self_attention"
+    operator = "hyena_x"
+    select = { preset = "paper-50" }
+    options = { }
+
+Selection keys (combined by AND): ``preset`` ("paper-50": odd blocks 1,3,5,...; "paper-75":
+all blocks but 0,4,8,...; "all"), ``fraction`` (0.5 and 0.75 are the presets, other values
+pick evenly spaced blocks), ``every_other`` (true: blocks 1,3,5,...; ``offset`` = 0 for
+0,2,4,...), ``indices`` (block indices; negative counts from the end), ``paths`` and
+``exclude`` (module-path globs such as "blocks.*.attn"). Index-based selections apply to the
+regions that sit in a numbered block; ``paths`` alone may reach any region.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import hashlib
+import importlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graftfx.errors import GraftError
+
+from .registry import get_operator, get_pattern, register_operator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESETS = ("paper-50", "paper-75", "all")
+LOSSES = ("l1", "l2", "huber")
+_FILE_KEYS = {"version": "rule-file format version (1)", "description": "free text",
+              "model": "the model the file was written for (free text)", "rule": "the [[rule]] tables"}
+_RULE_KEYS = ("name", "pattern", "operator", "select", "options", "loss")
+_SELECT_KEYS = ("preset", "fraction", "every_other", "offset", "indices", "paths", "exclude")
+
+
+@dataclass
+class Select:
+    preset: str | None = None
+    fraction: float | None = None
+    every_other: bool = False
+    offset: int = 1
+    indices: list[int] | None = None
+    paths: list[str] | None = None
+    exclude: list[str] | None = None
+
+    def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"select.preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.fraction is not None and not (0 < float(self.fraction) <= 1):
+            raise ValueError(f"select.fraction must be in (0, 1], got {self.fraction}")
+        if self.offset not in (0, 1):
+            raise ValueError(f"select.offset must be 0 or 1, got {self.offset}")
+        for key in ("indices", "paths", "exclude"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"select.{key} must be a list, got {value!r}")
+        if self.indices is not None and not all(isinstance(i, int) for i in self.indices):
+            raise ValueError(f"select.indices must be integers, got {self.indices}")
+
+    @property
+    def by_index(self) -> bool:
+        return bool(self.preset or self.fraction is not None or self.every_other or self.indices is not None)
+
+    def blocks(self, depth: int) -> set[int]:
+        """Block indices this selection keeps out of ``range(depth)``."""
+        keep = set(range(depth))
+        if self.preset:
+            keep &= preset_blocks(self.preset, depth)
+        if self.fraction is not None:
+            keep &= fraction_blocks(float(self.fraction), depth)
+        if self.every_other:
+            keep &= set(range(self.offset, depth, 2))
+        if self.indices is not None:
+            bad = [i for i in self.indices if not -depth <= i < depth]
+            if bad:
+                raise GraftError(f"select.indices {bad} out of range for a model with {depth} blocks")
+            keep &= {i % depth for i in self.indices}
+        return keep
+
+    def admits_path(self, path: str) -> bool:
+        if self.paths is not None and not any(fnmatch.fnmatchcase(path, p) for p in self.paths):
+            return False
+        return not (self.exclude and any(fnmatch.fnmatchcase(path, p) for p in self.exclude))
+
+
+def preset_blocks(preset: str, depth: int) -> set[int]:
+    """The paper's layer sets, scaled to ``depth`` blocks (DiT-XL/2 has 28)."""
+    if preset == "paper-50":
+        return set(range(1, depth, 2))
+    if preset == "paper-75":
+        return {i for i in range(depth) if i % 4 != 0}
+    return set(range(depth))
+
+
+def fraction_blocks(fraction: float, depth: int) -> set[int]:
+    if math.isclose(fraction, 0.5):
+        return preset_blocks("paper-50", depth)
+    if math.isclose(fraction, 0.75):
+        return preset_blocks("paper-75", depth)
+    if math.isclose(fraction, 1.0):
+        return set(range(depth))
+    count = max(1, round(fraction * depth))
+    return {min(depth - 1, int((i + 0.5) * depth / count)) for i in range(count)}
+
+
+@dataclass
+class Rule:
+    pattern: str
+    operator: str
+    select: Select = field(default_factory=Select)
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    loss: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.select, dict):
+            self.select = Select(**self.select)
+        if not self.name:
+            self.name = f"{self.pattern}->{self.operator}"
+        if self.loss is not None and self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+
+    def validate(self, where: str = "", allow_imports: bool = False) -> None:
+        """Check the pattern, operator and options exist; raise GraftError naming what is wrong."""
+        get_pattern(self.pattern)
+        if ":" in self.operator or "." in self.operator:
+            if not allow_imports:
+                raise GraftError(f"{where}operator {self.operator!r} is an import path; rule files never "
+                                 "import code. Register the operator in Python, or opt in with allow_imports=True")
+            _import_operator(self.operator)
+        spec = get_operator(self.operator)
+        spec.make_config(dict(self.options), where)
+
+    @property
+    def effective_loss(self) -> str:
+        return self.loss or get_operator(self.operator).loss
+
+    def to_dict(self) -> dict:
+        sel = {k: v for k, v in dataclasses.asdict(self.select).items()
+               if v not in (None, False) and not (k == "offset" and v == 1)}
+        out = {"name": self.name, "pattern": self.pattern, "operator": self.operator, "select": sel,
+               "options": dict(self.options)}
+        if self.loss:
+            out["loss"] = self.loss
+        return out
+
+
+@dataclass
+class RuleSet:
+    rules: list[Rule]
+    source: str = "<python>"
+    description: str = ""
+
+    def digest(self) -> str:
+        """A stable hash of what the rules do (for caches and manifests)."""
+        blob = json.dumps([r.to_dict() for r in self.rules], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def __iter__(self):
+        return iter(self.rules)
+
+    def __len__(self):
+        return len(self.rules)
+
+
+def load_rules(source, *, allow_imports: bool = False) -> RuleSet:
+    """A RuleSet from a TOML path, a TOML string of a [[rule]] file, a Rule or a list of Rules."""
+    if isinstance(source, RuleSet):
+        return source
+    if isinstance(source, Rule):
+        source = [source]
+    if isinstance(source, (list, tuple)):
+        rules = list(source)
+        for i, r in enumerate(rules):
+            if not isinstance(r, Rule):
+                raise GraftError(f"rule {i} is a {type(r).__name__}, not a graftfx Rule")
+            r.validate(f"rule {r.name!r}: ", allow_imports)
+        return RuleSet(rules)
+    path = Path(source)
+    if not path.is_file():
+        near = builtin_rule_files()
+        if path.name in near:
+            path = near[path.name]
+        else:
+            hint = difflib.get_close_matches(path.name, near, n=1)
+            raise GraftError(f"rule file {source} not found" + (f" (did you mean {hint[0]}?)" if hint else
+                             f"; bundled rule files: {', '.join(sorted(near)) or 'none'}"))
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise GraftError(f"{path}: not valid TOML: {e}") from None
+    return parse_rules(data, str(path), allow_imports=allow_imports)
+
+
+def parse_rules(data: dict, where: str = "<toml>", *, allow_imports: bool = False) -> RuleSet:
+    _check_keys(data, _FILE_KEYS, f"{where}: unknown top-level key")
+    if data.get("version", 1) != 1:
+        raise GraftError(f"{where}: version {data['version']!r} is not supported (only 1)")
+    tables = data.get("rule")
+    if not isinstance(tables, list) or not tables:
+        raise GraftError(f"{where}: no [[rule]] tables; a rule file needs at least one")
+    rules = []
+    for i, table in enumerate(tables):
+        label = f"{where}: rule {i + 1}" + (f" ({table.get('name')})" if isinstance(table, dict) and table.get("name") else "")
+        _check_keys(table, _RULE_KEYS, f"{label}: unknown key")
+        for key in ("pattern", "operator"):
+            if key not in table:
+                raise GraftError(f"{label}: missing key {key!r}")
+        select = table.get("select", {})
+        if not isinstance(select, dict):
+            raise GraftError(f"{label}: select must be a table, e.g. select = {{ preset = \"paper-50\" }}")
+        _check_keys(select, _SELECT_KEYS, f"{label}: unknown select key")
+        options = table.get("options", {})
+        if not isinstance(options, dict):
+            raise GraftError(f"{label}: options must be a table")
+        try:
+            rule = Rule(pattern=table["pattern"], operator=table["operator"], select=Select(**select),
+                        options=options, name=table.get("name", ""), loss=table.get("loss"))
+        except ValueError as e:
+            raise GraftError(f"{label}: {e}") from None
+        rule.validate(f"{label}: ", allow_imports)
+        rules.append(rule)
+    return RuleSet(rules, where, str(data.get("description", "")))
+
+
+def _check_keys(table: dict, valid, what: str) -> None:
+    for key in table:
+        if key not in valid:
+            raise GraftError(f"{what} {key!r}; valid keys: {', '.join(valid)}")
+
+
+def _import_operator(dotted: str) -> None:
+    """Opt-in only: import ``module:Class`` (or module.Class) and register it under that name."""
+    from .registry import OPERATORS
+
+    if dotted in OPERATORS:
+        return
+    module, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise GraftError(f"operator {dotted!r} could not be imported: {e}") from None
+    config = getattr(cls, "Config", None)
+    if config is None:
+        @dataclass
+        class config:  # noqa: N801 - an operator without options
+            pass
+    register_operator(dotted, config=config, kinds=getattr(cls, "kinds", ("self_attention", "mlp")))(cls)
+
+
+def builtin_rule_files() -> dict[str, Path]:
+    folder = Path(__file__).resolve().parent / "rules"
+    return {p.name: p for p in sorted(folder.glob("*.toml"))}
