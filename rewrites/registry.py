@@ -64,9 +64,10 @@ def register_operator(name: str, *, config: type, kinds: tuple[str, ...], loss: 
             raise ValueError(f"operator {name!r} is registered twice ({OPERATORS[name].cls} and {cls})")
         if not hasattr(cls, "from_region"):
             raise TypeError(f"operator {name!r}: {cls.__name__} needs a classmethod from_region")
-        OPERATORS[name] = OperatorSpec(name, cls, config, tuple(kinds), loss,
-                                       description or (cls.__doc__ or "").strip().splitlines()[0])
-        cls.operator_name = name
+        summary = description or ((cls.__doc__ or "").strip().splitlines() or [name])[0]
+        OPERATORS[name] = OperatorSpec(name, cls, config, tuple(kinds), loss, summary)
+        if "operator_name" not in cls.__dict__:
+            cls.operator_name = name
         return cls
 
     return wrap

@@ -12,3 +12,33 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def _activate(model):
+    """Random non-zero adaLN and final layer, so every block changes the output (adaLN-Zero
+    initialisation would make the blocks identities and hide splicing mistakes)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.blocks:
+            w = block.adaLN_modulation[1].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+        w = model.final_layer.linear.weight
+        w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def dit_s2():
+    from graftfx.models import DiT_models
+
+    torch.manual_seed(0)
+    return _activate(DiT_models["DiT-S/2"]())
+
+
+@pytest.fixture
+def tiny_dit():
+    from graftfx.models import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    return _activate(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4,
+                                   num_heads=4, num_classes=10)))

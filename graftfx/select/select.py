@@ -58,7 +58,9 @@ def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
         report = match(traced, rule.pattern)
         outcome = RuleOutcome(rule, report)
         spec = get_operator(rule.operator)
-        numbered = [r.block_index for r in report.regions if r.block_index is not None]
+        # Index selections count the regions over token sequences in numbered blocks: a
+        # timestep-embedding MLP inside a block (a (B, D) input) is never "the block's MLP".
+        numbered = [r.block_index for r in report.regions if _in_block(r)]
         depth = max(numbered) + 1 if numbered else 0
         keep = rule.select.blocks(depth) if rule.select.by_index else None
         for region in report.regions:
@@ -66,7 +68,7 @@ def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
                 raise GraftError(f"rule {rule.name!r}: operator {rule.operator!r} replaces "
                                  f"{' or '.join(spec.kinds)} regions, but {region.path} is {region.kind}; "
                                  f"pick an operator for {region.kind} or another pattern")
-            if keep is not None and (region.block_index is None or region.block_index not in keep):
+            if keep is not None and (not _in_block(region) or region.block_index not in keep):
                 outcome.skipped.append((region, "not in the selected blocks"))
             elif not rule.select.admits_path(region.path):
                 outcome.skipped.append((region, "path not selected"))
@@ -85,6 +87,10 @@ def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
                              f"{rule.pattern} regions ({_paths(report.regions)}); check its select table")
         outcomes.append(outcome)
     return Plan(traced, ruleset, outcomes)
+
+
+def _in_block(region: Region) -> bool:
+    return region.block_index is not None and region.tokens is not None
 
 
 def _paths(regions) -> str:

@@ -72,13 +72,27 @@ class GraftedModule(fx.GraphModule):
         save_model(self, str(tmp))
         tmp.replace(path)
 
-    def load_state(self, path, strict: bool = True) -> None:
+    def load_state(self, path) -> None:
+        """Load a state saved by ``save_state``; keys and shapes are checked first, strictly."""
+        from safetensors import safe_open
         from safetensors.torch import load_model
 
-        missing, unexpected = load_model(self, str(path), strict=False)
-        if strict and (missing or unexpected):
-            raise GraftError(f"{path}: state does not fit this grafted model; missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        missing = sorted(k for k in own if k not in shapes and not _tied(self, k, shapes))
+        unexpected = sorted(set(shapes) - set(own))
+        bad = sorted(k for k in set(own) & set(shapes) if own[k] != shapes[k])
+        if missing or unexpected or bad:
+            raise GraftError(f"{path}: state does not fit this grafted model; missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}, mis-shaped {bad[:4]}")
+        load_model(self, str(path), strict=True)
+
+
+def _tied(module: nn.Module, key: str, saved) -> bool:
+    """safetensors stores a tensor shared by several names once; the others are not missing."""
+    tensor = module.state_dict()[key]
+    return any(k in saved and v.data_ptr() == tensor.data_ptr() for k, v in module.state_dict().items() if k != key)
 
 
 def build_operator(rule: Rule, region: Region) -> nn.Module:
@@ -117,11 +131,9 @@ def splice(plan: Plan) -> GraftedModule:
     records = []
     for rule, region in selected:
         op = build_operator(rule, region)
-        node = _replace(graph, env, region)
+        target = _free_target(region.path or rule.name, graph, installed, {env[n] for n in region.nodes})
+        node = _replace(graph, env, region, target)
         _drop_unused_attrs(graph)
-        target = _free_target(region.path or rule.name, graph, installed, node)
-        node.target = target
-        node.meta[PATH] = target
         installed[target] = op
         records.append(Replacement(rule, region, target, node.name, rule.operator))
     graph.lint()
@@ -136,15 +148,16 @@ def splice(plan: Plan) -> GraftedModule:
     return gm
 
 
-def _replace(graph: fx.Graph, env, region: Region) -> fx.Node:
-    """Insert the region's call_module node (target set by the caller) and erase the region."""
+def _replace(graph: fx.Graph, env, region: Region, target: str) -> fx.Node:
+    """Insert the region's call_module node and erase the region."""
     nodes = [env[n] for n in region.nodes]
     if any(n.graph is not graph or n._erased for n in nodes):
         raise GraftError(f"region {region.path} overlaps a region spliced before it; select one of them")
     output = env[region.output]
     args = (env[region.input],) if region.context is None else (env[region.input], env[region.context])
     with graph.inserting_after(output):
-        new = graph.call_module("__graftfx_pending__", args)
+        new = graph.call_module(target, args)
+    new.meta[PATH] = target
     new.meta[SHAPE] = output.meta.get(SHAPE)
     new.meta[DTYPE] = output.meta.get(DTYPE)
     new.meta["graftfx_replaces"] = region.path
@@ -161,9 +174,11 @@ def _drop_unused_attrs(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _free_target(path: str, graph: fx.Graph, installed: dict, new: fx.Node) -> str:
-    """``path`` unless a surviving node still uses a module under it; then ``path_graft``."""
-    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr") and n is not new}
+def _free_target(path: str, graph: fx.Graph, installed: dict, replaced: set) -> str:
+    """``path`` unless a node that survives the splice still uses a module under it; then
+    ``path_graft``. Parameters read only by the replaced nodes do not count."""
+    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr") and n not in replaced
+            and not (n.op == "get_attr" and n.users and all(u in replaced for u in n.users))}
     target = path.replace("/", "_") or "graft"
     candidate, k = target, 0
     while candidate in installed or any(u == candidate or u.startswith(candidate + ".") for u in used):

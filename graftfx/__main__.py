@@ -1,0 +1,5 @@
+import sys
+
+from graftfx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""``explain(model, rules)``: for every rule, what matched and, where nothing or fewer regions
+than the model has blocks matched, the nearest candidates and the condition each one failed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from graftfx.match.report import Candidate
+from graftfx.select.select import contents, select
+from graftfx.trace.tracer import TracedGraph, module_path, trace
+
+
+@dataclass
+class RuleExplanation:
+    rule: str
+    pattern: str
+    operator: str
+    matched: list[str]
+    selected: list[str]
+    blocks: int                                  # numbered blocks the model has
+    missing_blocks: list[str] = field(default_factory=list)
+    near_misses: list[Candidate] = field(default_factory=list)
+    contains: str = ""
+
+    def __str__(self) -> str:
+        head = (f"rule {self.rule} ({self.pattern} -> {self.operator}): matched {len(self.matched)}"
+                + (f" in {self.blocks} blocks" if self.blocks else "") + f", selected {len(self.selected)}")
+        lines = [head]
+        if self.selected:
+            lines.append("  selected: " + ", ".join(self.selected))
+        if not self.matched:
+            lines.append(f"  nothing matched; the model contains: {self.contains}")
+        elif self.missing_blocks:
+            lines.append("  no match in: " + ", ".join(self.missing_blocks))
+        if self.near_misses and (not self.matched or self.missing_blocks):
+            lines.append("  nearest candidates:")
+            lines += [f"    {c}" for c in self.near_misses[:12]]
+            if len(self.near_misses) > 12:
+                lines.append(f"    ... {len(self.near_misses) - 12} more")
+        return "\n".join(lines)
+
+
+def explain(model, rules, example_inputs=(), example_kwargs=None) -> list[RuleExplanation]:
+    traced = model if isinstance(model, TracedGraph) else trace(model, example_inputs, example_kwargs)
+    plan = select(traced, rules, strict=False)
+    blocks = numbered_blocks(traced)
+    out = []
+    for o in plan.outcomes:
+        matched_blocks = {_block(r.path) for r in o.report.regions}
+        missing = [b for b in blocks if b not in matched_blocks] if o.report.regions else []
+        misses = o.report.near_misses
+        if missing:  # the candidates that explain the gaps first
+            misses = sorted(misses, key=lambda c: _block(c.path) not in missing)
+        out.append(RuleExplanation(o.rule.name, o.rule.pattern, o.rule.operator, [r.path for r in o.report.regions],
+                                   [r.path for r in o.chosen], len(blocks), missing, list(misses),
+                                   contents(traced) if not o.report.regions else ""))
+    return out
+
+
+def numbered_blocks(traced: TracedGraph) -> list[str]:
+    """Distinct 'container.N' prefixes of the graph's module paths, in order (blocks.0, ...)."""
+    seen: dict[str, None] = {}
+    for node in traced.graph.nodes:
+        b = _block(module_path(node))
+        if b:
+            seen.setdefault(b, None)
+    # keep the container that has the most numbered children (the transformer blocks)
+    by_container: dict[str, list[str]] = {}
+    for b in seen:
+        by_container.setdefault(b.rsplit(".", 1)[0], []).append(b)
+    return max(by_container.values(), key=len) if by_container else []
+
+
+def _block(path: str) -> str:
+    parts = path.split(".")
+    for i, seg in enumerate(parts):
+        if seg.isdigit():
+            return ".".join(parts[: i + 1])
+    return ""

@@ -1,0 +1,211 @@
+"""``inspect(model, rules)``: what a model contains, what the rules would replace, and the result.
+
+The same data feeds the CLI table, the JSON, and a self-contained HTML report with the
+before/after rendering of one block.
+"""
+from __future__ import annotations
+
+import difflib
+import html
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from graftfx.match.cost import graph_flops, module_flops
+from graftfx.match.match import match_all
+from graftfx.select.select import Plan, select
+from graftfx.splice.splice import GraftedModule, splice
+from graftfx.trace.tracer import TracedGraph, trace
+
+from .render import block_nodes, render_svg
+
+
+@dataclass
+class RegionRow:
+    path: str
+    kind: str
+    width: int
+    heads: int | None
+    hidden: int | None
+    tokens: int | None
+    params: int
+    flops: int
+    selected: bool = False
+    rule: str = ""
+    operator: str = ""
+    params_after: int | None = None
+    flops_after: int | None = None
+
+
+@dataclass
+class InspectReport:
+    model: str
+    tracer: str
+    trace_seconds: float
+    rows: list[RegionRow]
+    totals: dict
+    rules: list[dict] = field(default_factory=list)      # per rule: matched/selected/skipped
+    diff: str = ""
+    block: str = ""
+    svg_before: str = ""
+    svg_after: str = ""
+    renderer: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    # -- text ---------------------------------------------------------------------------------
+    def table(self) -> str:
+        head = ["path", "kind", "shape", "params", "GFLOPs", "selected", "-> operator", "params'", "GFLOPs'"]
+        body = []
+        for r in self.rows:
+            shape = f"D={r.width}" + (f" H={r.heads}" if r.heads else "") + (f" hid={r.hidden}" if r.hidden else "") \
+                + (f" L={r.tokens}" if r.tokens else "")
+            body.append([r.path or "<root>", r.kind, shape, _count(r.params), f"{r.flops / 1e9:.3f}",
+                         "yes" if r.selected else "", r.operator, _count(r.params_after) if r.selected else "",
+                         f"{r.flops_after / 1e9:.3f}" if r.selected and r.flops_after is not None else ""])
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+        fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
+        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+    def summary(self) -> str:
+        t = self.totals
+        lines = [f"{self.model}: traced with {self.tracer} in {self.trace_seconds:.2f}s; {len(self.rows)} regions"]
+        if "params_after" in t:
+            lines.append(f"params {_count(t['params_before'])} -> {_count(t['params_after'])}; "
+                         f"GFLOPs/sample {t['flops_before'] / 1e9:.2f} -> {t['flops_after'] / 1e9:.2f}")
+        else:
+            lines.append(f"params {_count(t['params_before'])}; GFLOPs/sample {t['flops_before'] / 1e9:.2f}")
+        for r in self.rules:
+            lines.append(f"rule {r['name']}: matched {r['matched']}, selected {r['selected']}"
+                         + (f", skipped {r['skipped']}" if r["skipped"] else ""))
+        return "\n".join(lines + self.notes)
+
+    def text(self) -> str:
+        return self.summary() + "\n\n" + self.table()
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "tracer": self.tracer, "trace_seconds": self.trace_seconds,
+                "totals": self.totals, "rules": self.rules, "regions": [asdict(r) for r in self.rows],
+                "block": self.block, "renderer": self.renderer}
+
+    # -- HTML ---------------------------------------------------------------------------------
+    def html(self) -> str:
+        esc = html.escape
+        rows = "".join(
+            f"<tr class='{'sel' if r.selected else ''}'><td>{esc(r.path or '<root>')}</td><td>{r.kind}</td>"
+            f"<td>{r.width}</td><td>{r.heads or ''}</td><td>{r.hidden or ''}</td><td>{r.tokens or ''}</td>"
+            f"<td>{_count(r.params)}</td><td>{r.flops / 1e9:.3f}</td><td>{'yes' if r.selected else ''}</td>"
+            f"<td>{esc(r.operator)}</td><td>{_count(r.params_after) if r.selected else ''}</td>"
+            f"<td>{f'{r.flops_after / 1e9:.3f}' if r.selected and r.flops_after is not None else ''}</td></tr>"
+            for r in self.rows)
+        figures = ""
+        if self.svg_before:
+            figures = (f"<h2>Block <code>{esc(self.block)}</code> before and after</h2>"
+                       f"<div class='figs'><figure>{self.svg_before}<figcaption>before</figcaption></figure>"
+                       f"<figure>{self.svg_after}<figcaption>after</figcaption></figure></div>"
+                       f"<p class='note'>rendered with {esc(self.renderer)}</p>")
+        diff = f"<h2>Graph diff</h2><details><summary>{self.diff.count(chr(10))} lines</summary><pre>{esc(self.diff)}</pre></details>" if self.diff else ""
+        return f"""<!doctype html><html><head><meta charset="utf-8"><title>graftfx inspect: {esc(self.model)}</title>
+<style>body{{font-family:Helvetica,Arial,sans-serif;margin:2em;color:#212529}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #dee2e6;padding:3px 8px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}
+tr.sel{{background:#fff5f5}}.figs{{display:flex;gap:2em;align-items:flex-start;overflow-x:auto}}pre{{font-size:11px;background:#f8f9fa;padding:1em}}
+.note{{color:#868e96;font-size:12px}}</style></head><body>
+<h1>graftfx inspect: {esc(self.model)}</h1><pre>{esc(self.summary())}</pre>
+<h2>Regions</h2><table><tr><th>path</th><th>kind</th><th>D</th><th>heads</th><th>hidden</th><th>L</th><th>params</th>
+<th>GFLOPs</th><th>selected</th><th>operator</th><th>params after</th><th>GFLOPs after</th></tr>{rows}</table>
+{figures}{diff}</body></html>"""
+
+    def write(self, folder) -> dict[str, Path]:
+        """report.html, regions.json, graph.diff, before.svg/after.svg into ``folder`` (atomically)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"report.html": self.html(), "regions.json": json.dumps(self.to_json(), indent=2),
+                 "report.txt": self.text() + "\n"}
+        if self.diff:
+            files["graph.diff"] = self.diff
+        if self.svg_before:
+            files["before.svg"], files["after.svg"] = self.svg_before, self.svg_after
+        out = {}
+        for name, text in files.items():
+            out[name] = atomic_write(folder / name, text)
+        return out
+
+
+def atomic_write(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _count(n) -> str:
+    if n is None:
+        return ""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def inspect(model, rules=None, example_inputs=(), example_kwargs=None, *, name: str = "", render: bool = True,
+            traced: TracedGraph | None = None) -> InspectReport:
+    """Trace (unless ``traced`` is given), match every pattern, and with ``rules`` select and
+    splice, returning an InspectReport."""
+    traced = traced or trace(model, example_inputs, example_kwargs)
+    batch = traced.batch_size
+    seen: dict[int, RegionRow] = {}
+    order = []
+    for report in match_all(traced).values():
+        for r in report.regions:
+            if id(r.output) not in seen:
+                seen[id(r.output)] = RegionRow(r.path, r.kind, r.width, r.heads, r.hidden, r.tokens, r.params, r.flops)
+                order.append(r)
+    totals = {"params_before": _model_params(traced.model), "flops_before": graph_flops(traced.gm, batch)}
+    result = InspectReport(name or type(traced.model).__name__, traced.tracer, traced.seconds, [], totals,
+                           notes=list(traced.notes))
+    if rules is not None:
+        plan: Plan = select(traced, rules)
+        grafted: GraftedModule = splice(plan)
+        flops_after = totals["flops_before"]
+        for g in grafted.grafts:
+            op = grafted.get_submodule(g.target)
+            row = seen.get(id(g.region.output))
+            if row is None:  # a user pattern's region
+                r = g.region
+                row = seen[id(r.output)] = RegionRow(r.path, r.kind, r.width, r.heads, r.hidden, r.tokens, r.params, r.flops)
+                order.append(r)
+            row.selected, row.rule, row.operator = True, g.rule.name, g.operator
+            row.params_after = sum(p.numel() for p in op.parameters())
+            row.flops_after = module_flops(op, g.region.tokens or 1, g.region.width)
+            flops_after += row.flops_after - row.flops
+        totals.update(params_after=_model_params(grafted), flops_after=flops_after)
+        result.rules = [{"name": o.rule.name, "pattern": o.rule.pattern, "operator": o.rule.operator,
+                         "matched": len(o.report.regions), "selected": len(o.chosen), "skipped": len(o.skipped),
+                         "selected_paths": [r.path for r in o.chosen]} for o in plan.outcomes]
+        result.diff = "".join(difflib.unified_diff(traced.gm.code.splitlines(True), grafted.code.splitlines(True),
+                                                   "before", "after", n=1))
+        if render and grafted.grafts:
+            block = _block_of(grafted.grafts[0].region.path)
+            result.block = block
+            result.svg_before, result.renderer = render_svg(block_nodes(traced.graph, block), traced.gm, f"{block} (before)")
+            result.svg_after, _ = render_svg(block_nodes(grafted.graph, block), grafted, f"{block} (after)")
+    result.rows = [seen[id(r.output)] for r in order]
+    return result
+
+
+def _block_of(path: str) -> str:
+    """The enclosing numbered block of a region path: blocks.3.attn -> blocks.3."""
+    parts = path.split(".")
+    for i, seg in enumerate(parts):
+        if seg.isdigit():
+            return ".".join(parts[: i + 1])
+    return path
+
+
+def _model_params(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

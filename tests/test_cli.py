@@ -1,0 +1,50 @@
+"""The command line: --help everywhere, exit 2 with one line for user errors."""
+import subprocess
+import sys
+
+import pytest
+
+from graftfx.cli import COMMANDS, _register_extensions, main
+
+
+def run(*argv):
+    return subprocess.run([sys.executable, "-m", "graftfx", *argv], capture_output=True, text=True)
+
+
+def test_help_lists_and_explains_every_command():
+    res = run("--help")
+    assert res.returncode == 0
+    _register_extensions()
+    for name in COMMANDS:
+        assert name in res.stdout
+
+
+@pytest.mark.parametrize("name", ["inspect", "explain", "rules"])
+def test_every_subcommand_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    assert len(capsys.readouterr().out.splitlines()) > 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["inspect", "DiT-Q/2"], "unknown model 'DiT-Q/2'; valid: DiT-XL/2", id="model"),
+    pytest.param(["explain", "DiT-S/2", "--rules", "missing.toml"], "rule file missing.toml not found", id="rules"),
+    pytest.param(["inspect", "nope.pt"], "checkpoint nope.pt not found", id="checkpoint"),
+])
+def test_user_errors_exit_2_with_one_line(argv, message):
+    res = run(*argv)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_flag_exits_2():
+    res = run("inspect", "--frobnicate")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_inspect_writes_report(tmp_path, capsys):
+    assert main(["inspect", "DiT-S/8", "--rules", "dit-xl2-mlp-r3-50p.toml", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "rule mlp-mlp: matched 13, selected 6" in out
+    assert (tmp_path / "report.html").exists() and (tmp_path / "after.svg").exists()
