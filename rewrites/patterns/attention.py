@@ -213,9 +213,9 @@ def _core_arg(core, name, chains):
 
 def _head_ids(shape, heads, head_dim) -> torch.Tensor:
     """A core-output-shaped tensor whose value at head h, dim d is h*head_dim + d."""
-    ids = torch.arange(heads * head_dim, dtype=torch.float64).reshape(heads, 1, head_dim)
+    ids = torch.arange(heads * head_dim, dtype=torch.int32).reshape(heads, 1, head_dim)
     if len(shape) == 4:  # (B, H, L, Dh)
-        return ids.expand(shape[0], heads, shape[2], head_dim).clone()
+        return ids.expand(shape[0], heads, shape[2], head_dim)
     batch = shape[0] // heads  # (B*H, L, Dh)
     return ids.expand(batch, heads, shape[1], head_dim).reshape(shape).clone()
 

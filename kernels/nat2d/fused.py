@@ -1,0 +1,516 @@
+"""2D neighbourhood attention over a raster-ordered (H, W) token grid, as Triton kernels.
+
+Reads top to bottom: Triton kernels (forward, backward pre-pass, dk/dv, dq), the launchers
+``nat2d_fwd``/``nat2d_bwd``, the custom ops ``graftfx::nat2d``/``graftfx::nat2d_bwd`` with
+their autograd wiring, and the public ``neighborhood_attention_2d``.
+
+A program owns BLOCK_M consecutive queries (raster order) of one (batch, head). Their k x k
+windows cover a band of key rows and, when the block sits inside one image row, a narrow
+range of columns; the program sweeps exactly those (row, column-chunk) key tiles with tensor
+core dots, masks each query's own window, and keeps a flash-attention online softmax (fp32
+running max/sum, natural-log logsumexp stored for the backward). The backward recomputes P:
+dq sweeps like the forward; dk/dv programs own key blocks and sweep the inverse
+neighbourhood (the queries whose window holds the key), so no atomics are needed.
+
+Trip counts are compile-time (the largest sweep any block needs for this grid, kernel size
+and block sizes, computed once on the host); each program starts at its own first row/column
+and skips column chunks past its range. Compile-time bounds also keep the loops runnable
+under ``TRITON_INTERPRET=1``, whose loops accept only compile-time bounds with numpy 2.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import use_triton
+from .naive import naive_nat2d, naive_nat2d_bwd
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in fp32. UPCAST (CPU interpreter only) multiplies fp32 copies of
+    bf16/fp16 operands, which is what the tensor cores compute: the interpreter's own
+    bf16 dot multiplies raw bit patterns."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _win_start(pos, size, KS):
+    """First row/column of the window of ``pos`` on an axis of ``size`` (shifted inward)."""
+    return tl.maximum(tl.minimum(pos - KS // 2, size - KS), 0)
+
+
+@triton.jit
+def _inv_first(pos, KS):
+    """First query row/column whose window holds key row/column ``pos``."""
+    return tl.where(pos <= KS - 1, 0, pos - KS // 2)
+
+
+@triton.jit
+def _inv_last(pos, size, KS):
+    """Last query row/column whose window holds key row/column ``pos``."""
+    return tl.where(pos >= size - KS, size - 1, pos + KS // 2)
+
+
+@triton.jit
+def _nat2d_fwd_kernel(Q, K, V, O, LSE,
+                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                      NH, GH, GW, D, KS, qk_scale,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      N_ROWS: tl.constexpr, N_COLS: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)  # 64-bit base offsets: B*H*L*D may pass 2**31
+    h = (pid_bh % NH).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    L = GH * GW
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    d_ok = offs_d < D
+    # Each query's window: rows si .. si + kr_n - 1, columns sj .. sj + kc_n - 1.
+    si = _win_start(offs_m // GW, GH, KS)
+    sj = _win_start(offs_m % GW, GW, KS)
+    kr_n = tl.minimum(KS, GH)
+    kc_n = tl.minimum(KS, GW)
+    # The block's key band: rows from the first query's window start, columns from the first
+    # to the last query's window when the block lies in one image row (else whole rows).
+    last = tl.minimum(m0 + BLOCK_M, L) - 1
+    one_row = (m0 // GW) == (last // GW)
+    c_lo = tl.where(one_row, _win_start(m0 % GW, GW, KS), 0)
+    c_hi = tl.where(one_row, _win_start(last % GW, GW, KS) + kc_n, GW)
+    row_first = tl.minimum(_win_start(m0 // GW, GH, KS), tl.maximum(GH - N_ROWS, 0))
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite floor: see the SWA kernel
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for rr in range(N_ROWS):
+        kr = row_first + rr
+        row_hit = (kr >= si) & (kr < si + kr_n) & m_ok
+        for cb in range(N_COLS):
+            c0 = c_lo + cb * BLOCK_N
+            if c0 < c_hi:
+                kc = c0 + tl.arange(0, BLOCK_N)
+                n_ok = kc < c_hi
+                offs_n = kr * GW + kc
+                kt = tl.load(k_base + offs_n[None, :] * skl + offs_d[:, None],
+                             mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                s = _dot(q, kt, PRECISION, UPCAST) * qk_scale
+                keep = (row_hit[:, None] & n_ok[None, :]
+                        & (kc[None, :] >= sj[:, None]) & (kc[None, :] < sj[:, None] + kc_n))
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :],
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+                m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh * L + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _nat2d_bwd_delta_kernel(O, DO, DLSE, DELTA,
+                            sob, soh, sol, sdb, sdh, sdl,
+                            NH, L, D,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HAS_DLSE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)
+    h = (pid_bh % NH).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    mask = m_ok[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * L + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * L + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _nat2d_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                           sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
+                           NH, GH, GW, D, KS, sm_scale, qk_scale,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           N_ROWS: tl.constexpr, N_COLS: tl.constexpr,
+                           PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # A program owns BLOCK_N keys and sweeps the queries whose window holds one of them.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)
+    h = (pid_bh % NH).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    L = GH * GW
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < L
+    d_ok = offs_d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    ka = offs_n // GW
+    kb = offs_n % GW
+    kr_n = tl.minimum(KS, GH)
+    kc_n = tl.minimum(KS, GW)
+    last = tl.minimum(n0 + BLOCK_N, L) - 1
+    one_row = (n0 // GW) == (last // GW)
+    j_lo = tl.where(one_row, _inv_first(n0 % GW, KS), 0)
+    j_hi = tl.where(one_row, _inv_last(last % GW, GW, KS) + 1, GW)
+    row_first = tl.minimum(_inv_first(n0 // GW, KS), tl.maximum(GH - N_ROWS, 0))
+
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+
+    for rr in range(N_ROWS):
+        qi = row_first + rr
+        si = _win_start(qi, GH, KS)
+        row_hit = (ka >= si) & (ka < si + kr_n) & n_ok
+        for cb in range(N_COLS):
+            c0 = j_lo + cb * BLOCK_M
+            if c0 < j_hi:
+                qj = c0 + tl.arange(0, BLOCK_M)
+                q_ok = qj < j_hi
+                offs_m = qi * GW + qj
+                q_mask = q_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :],
+                            mask=q_mask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdl + offs_d[None, :],
+                             mask=q_mask, other=0.0)
+                lse2 = tl.load(LSE + bh * L + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + bh * L + offs_m, mask=q_ok, other=0.0)
+                sj = _win_start(qj, GW, KS)
+
+                st = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+                keep = (row_hit[:, None] & q_ok[None, :]
+                        & (kb[:, None] >= sj[None, :]) & (kb[:, None] < sj[None, :] + kc_n))
+                pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)
+                dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+                dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
+                dst = pt * (dpt - delta[None, :])
+                dk += _dot(dst.to(q.dtype), q, PRECISION, UPCAST)
+
+    dk = dk * sm_scale
+    tl.store(DK + bh * L * D + offs_n[:, None] * D + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + bh * L * D + offs_n[:, None] * D + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _nat2d_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                         sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
+                         NH, GH, GW, D, KS, sm_scale, qk_scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         N_ROWS: tl.constexpr, N_COLS: tl.constexpr,
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # A program owns BLOCK_M queries and sweeps the key tiles of their windows, as the forward.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NH).to(tl.int64)
+    h = (pid_bh % NH).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    L = GH * GW
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    d_ok = offs_d < D
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    si = _win_start(offs_m // GW, GH, KS)
+    sj = _win_start(offs_m % GW, GW, KS)
+    kr_n = tl.minimum(KS, GH)
+    kc_n = tl.minimum(KS, GW)
+    last = tl.minimum(m0 + BLOCK_M, L) - 1
+    one_row = (m0 // GW) == (last // GW)
+    c_lo = tl.where(one_row, _win_start(m0 % GW, GW, KS), 0)
+    c_hi = tl.where(one_row, _win_start(last % GW, GW, KS) + kc_n, GW)
+    row_first = tl.minimum(_win_start(m0 // GW, GH, KS), tl.maximum(GH - N_ROWS, 0))
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    for rr in range(N_ROWS):
+        kr = row_first + rr
+        row_hit = (kr >= si) & (kr < si + kr_n) & m_ok
+        for cb in range(N_COLS):
+            c0 = c_lo + cb * BLOCK_N
+            if c0 < c_hi:
+                kc = c0 + tl.arange(0, BLOCK_N)
+                n_ok = kc < c_hi
+                offs_n = kr * GW + kc
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :],
+                            mask=kv_mask, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :],
+                            mask=kv_mask, other=0.0)
+                s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+                keep = (row_hit[:, None] & n_ok[None, :]
+                        & (kc[None, :] >= sj[:, None]) & (kc[None, :] < sj[:, None] + kc_n))
+                p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+                dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+                ds = p * (dp - delta[:, None])
+                dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+
+    dq = dq * sm_scale
+    tl.store(DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _win_start_host(pos: int, size: int, ks: int) -> int:
+    return max(min(pos - ks // 2, size - ks), 0)
+
+
+def _inv_first_host(pos: int, ks: int) -> int:
+    return 0 if pos <= ks - 1 else pos - ks // 2
+
+
+def _inv_last_host(pos: int, size: int, ks: int) -> int:
+    return size - 1 if pos >= size - ks else pos + ks // 2
+
+
+@functools.lru_cache(maxsize=256)
+def _sweep(height: int, width: int, ks: int, outer: int, inner: int,
+           inverse: bool) -> tuple[int, int]:
+    """(rows, column chunks) the largest sweep of any outer block needs: the kernels' static
+    trip counts. Mirrors the kernels' band arithmetic, block by block.
+
+    inverse=False: query blocks sweeping their windows' keys (forward, dq);
+    inverse=True: key blocks sweeping the queries whose windows hold them (dk, dv).
+    """
+    length = height * width
+    n_rows = n_cols = 1
+    for start in range(0, length, outer):
+        last = min(start + outer, length) - 1
+        r0, r1 = start // width, last // width
+        if inverse:
+            rows = _inv_last_host(r1, height, ks) - _inv_first_host(r0, ks) + 1
+            cols = (_inv_last_host(last % width, width, ks) + 1
+                    - _inv_first_host(start % width, ks)) if r0 == r1 else width
+        else:
+            rows = (_win_start_host(r1, height, ks) + min(ks, height)
+                    - _win_start_host(r0, height, ks))
+            cols = (_win_start_host(last % width, width, ks) + min(ks, width)
+                    - _win_start_host(start % width, width, ks)) if r0 == r1 else width
+        n_rows, n_cols = max(n_rows, rows), max(n_cols, triton.cdiv(cols, inner))
+    return min(n_rows, height), n_cols
+
+
+def _blocks(width: int, kernel_size: int, block_m: int | None, block_n: int | None):
+    """(outer, inner) block sizes. The outer block is what a program owns; blocks that divide
+    the grid width stay inside one image row and so sweep only their columns' neighbourhood.
+    On grids narrower than 16 every block spans whole rows anyway: take the largest."""
+    fallback = 64 if width < 16 else 32 if width >= 32 else 16
+    outer = next((b for b in (64, 32, 16) if width % b == 0), fallback)
+    inner = 16 if kernel_size <= 9 else 32
+    outer, inner = block_m or outer, block_n or inner
+    for name, val in (("block_m", outer), ("block_n", inner)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {val}")
+    return outer, inner
+
+
+def _launch_cfg(dtype: torch.dtype, device: torch.device, head_dim: int):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    num_warps = 8 if block_d >= 128 else 4
+    return block_d, precision, num_warps, device.type == "cpu" and dtype != torch.float32
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def nat2d_fwd(q, k, v, grid: tuple[int, int], kernel_size: int, scale: float | None = None,
+              block_m: int | None = None, block_n: int | None = None):
+    """q, k, v: (B, heads, H*W, Dh) -> (o in q.dtype, lse (B, heads, L) fp32, natural log)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, NH, L, D = q.shape
+    gh, gw = grid
+    scale = D ** -0.5 if scale is None else float(scale)
+    bm, bn = _blocks(gw, kernel_size, block_m, block_n)
+    n_rows, n_cols = _sweep(gh, gw, kernel_size, bm, bn, False)
+    block_d, precision, num_warps, upcast = _launch_cfg(q.dtype, q.device, D)
+    o = torch.empty((B, NH, L, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, NH, L), dtype=torch.float32, device=q.device)
+    _nat2d_fwd_kernel[(triton.cdiv(L, bm), B * NH)](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        NH, gh, gw, D, kernel_size, scale * _LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, N_ROWS=n_rows, N_COLS=n_cols,
+        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+    return o, lse
+
+
+def nat2d_bwd(do, q, k, v, o, lse, grid: tuple[int, int], kernel_size: int,
+              scale: float | None = None, dlse=None,
+              block_m: int | None = None, block_n: int | None = None):
+    """Gradients (dq, dk, dv) in q.dtype of ``nat2d_fwd``'s outputs; ``dlse`` optional."""
+    q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
+    B, NH, L, D = q.shape
+    gh, gw = grid
+    scale = D ** -0.5 if scale is None else float(scale)
+    bm, bn = _blocks(gw, kernel_size, block_m, block_n)
+    block_d, precision, num_warps, upcast = _launch_cfg(q.dtype, q.device, D)
+    lse = lse.float().contiguous()
+    delta = torch.empty((B, NH, L), dtype=torch.float32, device=q.device)
+    dlse_arg = dlse.float().contiguous() if dlse is not None else delta
+    _nat2d_bwd_delta_kernel[(triton.cdiv(L, bm), B * NH)](
+        o, do, dlse_arg, delta, *_strides(o), *_strides(do), NH, L, D,
+        BLOCK_M=bm, BLOCK_D=block_d, HAS_DLSE=dlse is not None, num_warps=4)
+
+    dq = torch.empty((B, NH, L, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do),
+              NH, gh, gw, D, kernel_size, scale, scale * _LOG2E)
+    # dk/dv: programs own key blocks of the outer size, sweeping query chunks of the inner.
+    rows, cols = _sweep(gh, gw, kernel_size, bm, bn, True)
+    _nat2d_bwd_dkdv_kernel[(triton.cdiv(L, bm), B * NH)](
+        q, k, v, do, lse, delta, dk, dv, *common,
+        BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=block_d, N_ROWS=rows, N_COLS=cols,
+        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+    rows, cols = _sweep(gh, gw, kernel_size, bm, bn, False)
+    _nat2d_bwd_dq_kernel[(triton.cdiv(L, bm), B * NH)](
+        q, k, v, do, lse, delta, dq, *common,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, N_ROWS=rows, N_COLS=cols,
+        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("graftfx::nat2d", mutates_args=())
+def nat2d_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int,
+             kernel_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of 2D neighbourhood attention; Triton or the fp32 reference (see _dispatch)."""
+    if use_triton(q):
+        return nat2d_fwd(q, k, v, (height, width), kernel_size, scale)
+    o, lse = naive_nat2d(q, k, v, (height, width), kernel_size, scale)
+    return o.to(q.dtype).contiguous(), lse.contiguous()
+
+
+@nat2d_op.register_fake
+def _nat2d_fake(q, k, v, height, width, kernel_size, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("graftfx::nat2d_bwd", mutates_args=())
+def nat2d_bwd_op(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                 height: int, width: int, kernel_size: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        return nat2d_bwd(do, q, k, v, o, lse, (height, width), kernel_size, scale, dlse=dlse)
+    grads = naive_nat2d_bwd(do, dlse, q, k, v, (height, width), kernel_size, scale)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
+
+
+@nat2d_bwd_op.register_fake
+def _nat2d_bwd_fake(do, dlse, q, k, v, o, lse, height, width, kernel_size, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _nat2d_setup(ctx, inputs, output):
+    q, k, v, height, width, kernel_size, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.args = (height, width, kernel_size, scale)
+
+
+def _nat2d_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = nat2d_bwd_op(do, dlse, q, k, v, o, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+nat2d_op.register_autograd(_nat2d_backward, setup_context=_nat2d_setup)
+
+
+# ----------------------------------------------------------------------------- public function
+def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              grid: tuple[int, int], kernel_size: int = 7,
+                              scale: float | None = None, return_lse: bool = False):
+    """2D neighbourhood attention: each token of the (H, W) grid (raster order) attends to
+    the kernel_size x kernel_size window around it, shifted inward at the borders.
+
+    q, k, v: (B, heads, H*W, head_dim), fp32/bf16/fp16, same shape, dtype and device.
+    Returns o with q's shape and dtype (and the fp32 logsumexp (B, heads, L) when
+    ``return_lse``). Runs the graftfx::nat2d custom op: Triton on GPU, fp32 reference on CPU.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, heads, H*W, head_dim), "
+                             f"got {getattr(t, 'shape', type(t))}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"k and v must have q's shape {tuple(q.shape)}, "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head_dim must be <= 256, got {q.shape[-1]}; use more heads")
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and g >= 1 for g in grid)):
+        raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
+    height, width = int(grid[0]), int(grid[1])
+    if height * width != q.shape[-2]:
+        raise ValueError(f"grid {height}x{width} has {height * width} tokens but q has "
+                         f"{q.shape[-2]}; pass the token grid (H, W) with H*W == L")
+    if (isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1
+            or kernel_size % 2 == 0):
+        raise ValueError(f"kernel_size must be an odd int >= 1, got {kernel_size!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, lse = nat2d_op(q, k, v, height, width, kernel_size, scale)
+    return (o, lse) if return_lse else o
+
+
+__all__ = ["nat2d_bwd", "nat2d_bwd_op", "nat2d_fwd", "nat2d_op", "neighborhood_attention_2d"]

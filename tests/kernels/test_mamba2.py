@@ -1,0 +1,147 @@
+"""Mamba-2 SSD scan: the Triton kernels (run by the interpreter on CPU) and the custom op
+against the token-by-token recurrence, plus the two PyTorch references against each other."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graftfx.kernels._dispatch import kernels
+from graftfx.kernels.mamba2 import ssd_bwd, ssd_chunked, ssd_fwd, ssd_recurrent, ssd_scan
+from graftfx.kernels.testing import TOL, assert_rel_close
+
+GRADS = ("dx", "ddt", "dA", "dB", "dC", "dD")
+
+
+def make_inputs(batch, L, nheads, headdim, ngroups, d_state, dtype=torch.float32):
+    """Fresh random inputs. Decay rates span slow (state carried across many chunks) to fast."""
+    x = torch.randn(batch, L, nheads, headdim)
+    dt = F.softplus(torch.randn(batch, L, nheads) - 2.0)
+    A = -torch.exp(torch.empty(nheads).uniform_(-4.0, 0.7))
+    B = torch.randn(batch, L, ngroups, d_state)
+    C = torch.randn(batch, L, ngroups, d_state)
+    D = torch.randn(nheads)
+    return [x.to(dtype), dt.to(dtype), A, B.to(dtype), C.to(dtype), D]
+
+
+def reference(inputs, dy):
+    """Recurrence output and gradients, in fp32 on fp32 copies of the inputs."""
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    y = ssd_recurrent(*leaves)
+    return y.detach(), torch.autograd.grad(y, leaves, dy.float())
+
+
+# (batch, L, nheads, headdim, ngroups, d_state, chunk_size)
+KERNEL_CASES = [
+    pytest.param(1, 63, 2, 16, 1, 64, 64, id="B1-T63-H2-P16-G1-N64-Q64"),
+    pytest.param(3, 255, 2, 16, 2, 16, 64, id="B3-T255-H2-P16-G2-N16-Q64"),
+    pytest.param(1, 63, 1, 60, 1, 16, 32, id="B1-T63-H1-P60-G1-N16-Q32"),
+    pytest.param(1, 63, 4, 16, 2, 8, 16, id="B1-T63-H4-P16-G2-N8-Q16"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch,L,nheads,headdim,ngroups,d_state,chunk", KERNEL_CASES)
+def test_launchers_match_recurrence(batch, L, nheads, headdim, ngroups, d_state, chunk, dtype):
+    inputs = make_inputs(batch, L, nheads, headdim, ngroups, d_state, dtype)
+    dy = torch.randn(batch, L, nheads, headdim).to(dtype)
+    y_ref, grads_ref = reference(inputs, dy)
+    tol = TOL[dtype]
+
+    y = ssd_fwd(*inputs, chunk_size=chunk)
+    assert y.dtype == dtype
+    assert_rel_close("y", y, y_ref, tol)
+
+    grads = ssd_bwd(dy, *inputs, chunk_size=chunk)
+    for name, g, g_ref, t in zip(GRADS, grads, grads_ref, inputs):
+        assert g.dtype == t.dtype, f"{name}: dtype {g.dtype} != input dtype {t.dtype}"
+        assert_rel_close(name, g, g_ref, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_custom_op_autograd(path, dtype):
+    """The public op through autograd, on the Triton path (interpreter) and the reference path."""
+    batch, L, nheads, headdim, ngroups, d_state = 3, 63, 2, 16, 1, 32
+    inputs = make_inputs(batch, L, nheads, headdim, ngroups, d_state, dtype)
+    inputs = [t.requires_grad_() for t in inputs]
+    dy = torch.randn(batch, L, nheads, headdim).to(dtype)
+    y_ref, grads_ref = reference(inputs, dy)
+    with kernels(path):
+        y = ssd_scan(*inputs, chunk_size=32)
+        grads = torch.autograd.grad(y, inputs, dy)
+    tol = TOL[dtype]
+    assert_rel_close("y", y, y_ref, tol)
+    for name, g, g_ref in zip(GRADS, grads, grads_ref):
+        assert_rel_close(name, g, g_ref, tol)
+
+
+@pytest.mark.parametrize("batch,L,nheads,headdim,ngroups,d_state,chunk", [
+    pytest.param(3, 63, 2, 16, 1, 64, 64, id="B3-T63-H2-P16-G1-N64-Q64"),
+    pytest.param(1, 255, 2, 60, 2, 16, 64, id="B1-T255-H2-P60-G2-N16-Q64"),
+    pytest.param(3, 255, 4, 16, 4, 8, 16, id="B3-T255-H4-P16-G4-N8-Q16"),
+    pytest.param(1, 255, 1, 16, 1, 64, 256, id="B1-T255-H1-P16-G1-N64-Q256"),
+])
+def test_chunked_reference_matches_recurrence(batch, L, nheads, headdim, ngroups, d_state, chunk):
+    """The two references are the same function: compared in fp64, free of fp32 rounding
+    (a single head's dA is a long sum with cancellation, ~1e-5 off in fp32 either way)."""
+    inputs = [t.double() for t in make_inputs(batch, L, nheads, headdim, ngroups, d_state)]
+    dy = torch.randn(batch, L, nheads, headdim, dtype=torch.float64)
+    rec = [t.clone().requires_grad_() for t in inputs]
+    chk = [t.clone().requires_grad_() for t in inputs]
+    y_ref, y = ssd_recurrent(*rec), ssd_chunked(*chk, chunk_size=chunk)
+    assert y.dtype == torch.float64
+    assert_rel_close("y", y, y_ref, 1e-10)
+    grads_ref = torch.autograd.grad(y_ref, rec, dy)
+    for name, g, g_ref in zip(GRADS, torch.autograd.grad(y, chk, dy), grads_ref):
+        assert_rel_close(name, g, g_ref, 1e-10)
+
+
+def test_recurrence_definition():
+    """The oracle itself, written out for two tokens and one head."""
+    x, dt, A, B, C, D = make_inputs(1, 2, 1, 3, 1, 4)
+    h1 = dt[0, 0, 0] * torch.outer(B[0, 0, 0], x[0, 0, 0])
+    h2 = torch.exp(dt[0, 1, 0] * A[0]) * h1 + dt[0, 1, 0] * torch.outer(B[0, 1, 0], x[0, 1, 0])
+    expected = torch.stack([C[0, 0, 0] @ h1, C[0, 1, 0] @ h2]) + D[0] * x[0, :, 0]
+    assert_rel_close("y", ssd_recurrent(x, dt, A, B, C, D)[0, :, 0], expected, 1e-6)
+
+
+def test_opcheck():
+    inputs = make_inputs(2, 20, 2, 16, 1, 8)
+    inputs = [t.requires_grad_() for t in inputs]
+    torch.library.opcheck(torch.ops.graftfx.ssd_scan.default, (*inputs, 16))
+
+
+def test_compiles_without_graph_breaks():
+    inputs = [t.requires_grad_() for t in make_inputs(2, 40, 2, 16, 1, 8)]
+    fn = torch.compile(lambda *a: ssd_scan(*a, chunk_size=16).square().sum(),
+                       backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(fn(*inputs), inputs)
+    y_ref = ssd_recurrent(*inputs)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), inputs)
+    for name, g, g_ref in zip(GRADS, grads, grads_ref):
+        assert_rel_close(name, g, g_ref, 1e-5)
+
+
+def _bad(**changes):
+    args = dict(zip(("x", "dt", "A", "B", "C", "D"), make_inputs(1, 8, 2, 16, 1, 8)))
+    args["chunk_size"] = 16
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes,needle", [
+    pytest.param(dict(x=torch.randn(8, 2, 16)), "x must be", id="x-rank"),
+    pytest.param(dict(x=torch.randn(1, 8, 2, 16).double()), "x must be float32", id="x-dtype"),
+    pytest.param(dict(dt=torch.rand(1, 8, 3)), "dt must be", id="dt-shape"),
+    pytest.param(dict(A=torch.randn(3)), "A must be", id="A-shape"),
+    pytest.param(dict(D=torch.randn(1)), "D must be", id="D-shape"),
+    pytest.param(dict(B=torch.randn(1, 8, 3, 8), C=torch.randn(1, 8, 3, 8)), "ngroups",
+                 id="groups"),
+    pytest.param(dict(C=torch.randn(1, 8, 1, 4)), "C must have", id="C-shape"),
+    pytest.param(dict(B=torch.randn(1, 8, 1, 8).bfloat16()), "B and C must", id="B-dtype"),
+    pytest.param(dict(chunk_size=48), "chunk_size", id="chunk-not-pow2"),
+    pytest.param(dict(chunk_size=8), "chunk_size", id="chunk-too-small"),
+])
+def test_invalid_inputs_raise(changes, needle):
+    with pytest.raises(ValueError, match=needle):
+        ssd_scan(**_bad(**changes))
