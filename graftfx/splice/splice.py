@@ -95,15 +95,21 @@ def _tied(module: nn.Module, key: str, saved) -> bool:
     return any(k in saved and v.data_ptr() == tensor.data_ptr() for k, v in module.state_dict().items() if k != key)
 
 
-def build_operator(rule: Rule, region: Region) -> nn.Module:
+def build_operator(rule: Rule, region: Region, device=None) -> nn.Module:
+    """The rule's operator for ``region``, on the region's device (or ``device``: e.g. build real
+    operators from a plan traced on the meta device, for training from a cache)."""
     spec = get_operator(rule.operator)
     spec.make_config(dict(rule.options), f"rule {rule.name!r}: ")  # validate before building
-    device = _device_of(region)
+    device = torch.device(device) if device is not None else _device_of(region)
     if device.type == "meta":
         with torch.device("meta"):
             op = spec.cls.from_region(region, **rule.options)
     else:
-        op = spec.cls.from_region(region, **rule.options)
+        try:
+            op = spec.cls.from_region(region, **rule.options)
+        except NotImplementedError as e:  # copying weights out of a meta tensor
+            raise GraftError(f"operator {rule.operator!r} for {region.path} needs the model's real weights "
+                             f"(options {rule.options}); trace a materialised model: {e}") from None
         op = op.to(device=device)
     if region.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         op = op.to(dtype=region.dtype)
@@ -144,6 +150,9 @@ def splice(plan: Plan) -> GraftedModule:
             root[node.target] = installed[node.target] if node.target in installed else _fetch(traced.gm, node.target)
     gm = GraftedModule(root, graph, class_name=type(traced.model).__name__ + "Grafted")
     gm.grafts = records
+    gm.rules = plan.rules
+    gm.tracer = traced.tracer
+    gm.input_spec = describe_inputs(traced.args, traced.kwargs)
     gm.train(traced.model.training)
     return gm
 
@@ -185,6 +194,27 @@ def _free_target(path: str, graph: fx.Graph, installed: dict, replaced: set) -> 
         k += 1
         candidate = f"{target}_graft" if k == 1 else f"{target}_graft{k}"
     return candidate
+
+
+def describe_inputs(args: tuple, kwargs: dict) -> dict:
+    """A JSON-able description of example inputs (shapes and dtypes), to trace again later."""
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return {"tensor": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+        return {"value": v}
+    return {"args": [one(a) for a in args], "kwargs": {k: one(v) for k, v in kwargs.items()}}
+
+
+def make_inputs(spec: dict) -> tuple[tuple, dict]:
+    """Example inputs from ``describe_inputs``: floats random, integers zero (valid indices)."""
+    def one(d):
+        if "tensor" in d:
+            dtype = getattr(torch, d["dtype"])
+            if dtype.is_floating_point:
+                return torch.randn(d["tensor"], dtype=dtype)
+            return torch.zeros(d["tensor"], dtype=dtype)
+        return d["value"]
+    return tuple(one(a) for a in spec["args"]), {k: one(v) for k, v in spec["kwargs"].items()}
 
 
 def _fetch(gm: nn.Module, target: str):

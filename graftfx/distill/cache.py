@@ -1,0 +1,305 @@
+"""The teacher activation cache: safetensors shards per region, an index, memory-mapped reads.
+
+Layout of a cache folder::
+
+    index.json                      samples, shard size, dtype, seed, rule/model hashes,
+                                    per region: folder and field shapes; per shard: sha256
+    r000/shard-00000.safetensors    tensors "input", "output" (and "context"), rows = samples
+
+Every file is written to a temporary name and renamed; the index is rewritten after each
+shard, so an interrupted run leaves no half shard and a rerun continues where it stopped.
+Reads map shards with numpy (no full load into RAM); each shard's checksum, shapes and the
+rule/model hashes are checked before a byte of it is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from graftfx.errors import GraftError
+
+from .calibration import CalibrationSet
+from .record import Tap, record
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_NP = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
+_TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+INDEX = "index.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# small safetensors writer/reader (the format: u64 header length, JSON header, raw data)
+# ---------------------------------------------------------------------------------------------
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write ``tensors`` as one safetensors file atomically; return its sha256."""
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        raw = t.view(torch.uint16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+        header[name] = {"dtype": _ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    digest = hashlib.sha256()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for chunk in (struct.pack("<Q", len(head)), head, *blobs):
+            f.write(chunk)
+            digest.update(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return digest.hexdigest()
+
+
+class Shard:
+    """A memory-mapped safetensors file: ``rows(name, idx)`` reads only the rows asked for."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(n))
+        self.base = 8 + n
+        self._maps: dict[str, np.memmap] = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def rows(self, name: str, idx: np.ndarray) -> torch.Tensor:
+        if name not in self._maps:
+            meta = self.header[name]
+            self._maps[name] = np.memmap(self.path, dtype=_NP[meta["dtype"]], mode="r",
+                                         offset=self.base + meta["data_offsets"][0], shape=tuple(meta["shape"]))
+        out = torch.from_numpy(np.ascontiguousarray(self._maps[name][idx]))
+        return out.view(torch.bfloat16) if self.header[name]["dtype"] == "BF16" else out
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class CacheSpec:
+    samples: int
+    shard_size: int
+    dtype: str
+    seed: int
+    rule_hash: str
+    model_hash: str
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise GraftError(f"cache dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.shard_size < 1 or self.samples < 1:
+            raise GraftError("cache samples and shard_size must be >= 1")
+
+    @property
+    def shards(self) -> int:
+        return math.ceil(self.samples / self.shard_size)
+
+
+def field_shapes(traced, taps: list[Tap]) -> dict[str, dict[str, list[int]]]:
+    """Per-sample shapes of each region's fields, from the traced example shapes."""
+    from graftfx.trace.tracer import SHAPE
+
+    nodes = {n.name: n for n in traced.graph.nodes}
+    out = {}
+    for t in taps:
+        fields = {"input": t.input, "output": t.output}
+        if t.context:
+            fields["context"] = t.context
+        out[t.path] = {k: list(nodes[v].meta[SHAPE][1:]) for k, v in fields.items()}
+    return out
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def estimate_bytes(shapes: dict, spec: CacheSpec) -> int:
+    per_sample = sum(math.prod(s) for fields in shapes.values() for s in fields.values())
+    return per_sample * spec.samples * DTYPES[spec.dtype].itemsize
+
+
+def write_cache(folder, traced, taps: list[Tap], calib: CalibrationSet, spec: CacheSpec, *,
+                batch_size: int = 32, progress: bool = True, log=print) -> Path:
+    """Record the teacher on ``calib`` into ``folder``; resumes an interrupted write."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = field_shapes(traced, taps)
+    need = estimate_bytes(shapes, spec)
+    index = _open_index(folder, spec, taps, shapes)
+    done_bytes = sum((folder / s["file"]).stat().st_size for shards in index["shards"].values() for s in shards
+                     if (folder / s["file"]).exists())
+    free = shutil.disk_usage(folder).free
+    log(f"cache: {len(taps)} regions x {spec.samples} samples ({spec.dtype}) = {human_bytes(need)} "
+        f"in {folder} ({human_bytes(free)} free)")
+    if need - done_bytes > free * 0.98:
+        raise GraftError(f"cache needs {human_bytes(need - done_bytes)} more but {folder} has {human_bytes(free)} "
+                         "free; use fewer --samples, --cache-dtype float16, another --cache folder, or --online")
+    dtype = DTYPES[spec.dtype]
+    todo = [k for k in range(spec.shards) if not _shard_done(folder, index, k)]
+    bar = tqdm(total=len(todo), desc="teacher cache", unit="shard", disable=not progress)
+    for k in todo:
+        start, stop = k * spec.shard_size, min(spec.samples, (k + 1) * spec.shard_size)
+        parts: dict[str, dict[str, list[torch.Tensor]]] = {t.path: {} for t in taps}
+        for b in range(start, stop, batch_size):
+            x, t, y = calib.batch(range(b, min(stop, b + batch_size)))
+            for path, fields in record(traced, taps, (x, t, y)).items():
+                for name, value in fields.items():
+                    parts[path].setdefault(name, []).append(value.to(dtype))
+        for path, fields in parts.items():
+            entry = index["regions"][path]
+            rel = f"{entry['dir']}/shard-{k:05d}.safetensors"
+            (folder / entry["dir"]).mkdir(exist_ok=True)
+            sha = write_shard(folder / rel, {n: torch.cat(v) for n, v in fields.items()})
+            shards = [s for s in index["shards"][path] if s["index"] != k]
+            index["shards"][path] = sorted(shards + [{"index": k, "file": rel, "start": start, "count": stop - start,
+                                                      "sha256": sha}], key=lambda s: s["index"])
+        index["complete"] = all(_shard_done(folder, index, j) for j in range(spec.shards))
+        _write_json(folder / INDEX, index)
+        bar.update(1)
+    bar.close()
+    index["complete"] = True
+    _write_json(folder / INDEX, index)
+    return folder
+
+
+def _open_index(folder: Path, spec: CacheSpec, taps: list[Tap], shapes: dict) -> dict:
+    fresh = {"format": 1, "samples": spec.samples, "shard_size": spec.shard_size, "dtype": spec.dtype,
+             "seed": spec.seed, "rule_hash": spec.rule_hash, "model_hash": spec.model_hash, "complete": False,
+             "regions": {t.path: {"dir": f"r{i:03d}", "fields": shapes[t.path]} for i, t in enumerate(taps)},
+             "shards": {t.path: [] for t in taps}}
+    path = folder / INDEX
+    if not path.exists():
+        return fresh
+    old = json.loads(path.read_text())
+    for key in ("samples", "shard_size", "dtype", "seed", "rule_hash", "model_hash", "regions"):
+        if old.get(key) != fresh[key]:
+            raise GraftError(f"cache {folder} was written with another {key} ({old.get(key)!r} vs {fresh[key]!r}); "
+                             "use a new --cache folder or delete this one")
+    return old
+
+
+def _shard_done(folder: Path, index: dict, k: int) -> bool:
+    for shards in index["shards"].values():
+        entry = next((s for s in shards if s["index"] == k), None)
+        if entry is None or not (folder / entry["file"]).exists():
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+class ActivationCache:
+    """Read a cache folder: ``batch(indices, paths)`` -> {path: {field: float32 tensor}}."""
+
+    def __init__(self, folder, *, rule_hash: str | None = None, model_hash: str | None = None):
+        self.folder = Path(folder)
+        path = self.folder / INDEX
+        if not path.exists():
+            raise GraftError(f"{self.folder} is not an activation cache (no {INDEX}); write one with "
+                             "graftfx distill --cache DIR")
+        self.index = json.loads(path.read_text())
+        if not self.index.get("complete"):
+            raise GraftError(f"cache {self.folder} is incomplete; rerun the same command to finish writing it")
+        for key, want in (("rule_hash", rule_hash), ("model_hash", model_hash)):
+            if want is not None and self.index[key] != want:
+                raise GraftError(f"cache {self.folder} was recorded with {key} {self.index[key]} but the run has "
+                                 f"{want}; record a new cache for these rules/model")
+        self.samples = int(self.index["samples"])
+        self.paths = list(self.index["regions"])
+        self._shards: dict[str, Shard] = {}
+
+    def _shard(self, entry: dict, path: str) -> Shard:
+        name = entry["file"]
+        if name not in self._shards:
+            file = self.folder / name
+            if not file.exists():
+                raise GraftError(f"cache shard {file} is missing; rerun the cache write")
+            if file_sha256(file) != entry["sha256"]:
+                raise GraftError(f"cache shard {file} is corrupted (checksum mismatch); delete it and rerun the "
+                                 "cache write to record it again")
+            shard = Shard(file)
+            for field, shape in self.index["regions"][path]["fields"].items():
+                if shard.shape(field) != (entry["count"], *shape):
+                    raise GraftError(f"cache shard {file}: {field} has shape {shard.shape(field)}, the index says "
+                                     f"{(entry['count'], *shape)}")
+            self._shards[name] = shard
+        return self._shards[name]
+
+    def batch(self, indices, paths=None) -> dict[str, dict[str, torch.Tensor]]:
+        idx = np.asarray(list(indices), dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.samples):
+            raise GraftError(f"cache index out of range 0..{self.samples - 1}")
+        size = self.index["shard_size"]
+        order = np.argsort(idx, kind="stable")
+        out = {}
+        for path in paths or self.paths:
+            entries = {s["index"]: s for s in self.index["shards"][path]}
+            fields = self.index["regions"][path]["fields"]
+            result = {f: torch.empty((len(idx), *shape), dtype=_TORCH[_ST[DTYPES[self.index['dtype']]]])
+                      for f, shape in fields.items()}
+            for k in np.unique(idx // size):
+                sel = order[(idx[order] // size) == k]
+                shard = self._shard(entries[int(k)], path)
+                rows = idx[sel] - k * size
+                for f in fields:
+                    result[f][torch.from_numpy(sel)] = shard.rows(f, rows)
+            out[path] = {f: t.float() for f, t in result.items()}
+        return out
+
+
+class OnlineTeacher:
+    """The same batches as a cache, computed on the fly from the teacher (no disk).
+
+    Sample i is the same (data, t, noise) as in a cache of the same seed; its activations
+    agree with the cached ones to the storage precision (CPU matmuls round the last bit
+    differently for other batch groupings)."""
+
+    def __init__(self, traced, taps: list[Tap], calib: CalibrationSet, dtype: str = "float16"):
+        if dtype not in DTYPES:
+            raise GraftError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        self.traced, self.taps, self.calib, self.dtype = traced, taps, calib, DTYPES[dtype]
+        self.samples = calib.samples
+        self.paths = [t.path for t in taps]
+
+    def batch(self, indices, paths=None) -> dict[str, dict[str, torch.Tensor]]:
+        taps = [t for t in self.taps if paths is None or t.path in paths]
+        x, t, y = self.calib.batch(list(indices))
+        got = record(self.traced, taps, (x, t, y))
+        # round through the storage dtype so online and cached runs see identical numbers
+        return {p: {f: v.to(self.dtype).float() for f, v in fields.items()} for p, fields in got.items()}

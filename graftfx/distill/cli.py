@@ -1,0 +1,140 @@
+"""``graftfx distill`` and ``graftfx export``."""
+from __future__ import annotations
+
+import argparse
+
+from graftfx.errors import GraftError
+
+
+def _distill(args) -> int:
+    from graftfx.models.zoo import resolve_model
+
+    from .pipeline import DistillSettings, load_data, run_distill
+    from .stage1 import Stage1Config
+    from .stage2 import Stage2Config
+
+    try:
+        s1 = Stage1Config(steps=args.steps1, batch_size=args.batch1, lr=args.lr1, lr_mlp=args.lr1_mlp,
+                          schedule=args.schedule, warmup=args.warmup1, seed=args.seed, ckpt_every=args.ckpt_every,
+                          log_every=args.log_every)
+        s2 = Stage2Config(steps=args.steps2, batch_size=args.batch2, lr=args.lr2, warmup=args.warmup2,
+                          train=args.train, objective=args.objective, ema_decay=args.ema, seed=args.seed,
+                          ckpt_every=args.ckpt_every, log_every=args.log_every)
+    except ValueError as e:
+        raise GraftError(str(e)) from None
+    settings = DistillSettings(stage=args.stage, cache=args.cache, online=args.online, samples=args.samples,
+                               cache_dtype=args.cache_dtype, shard_size=args.shard_size, stage1=s1, stage2=s2,
+                               device=args.device)
+    model, ex_args, ex_kwargs = resolve_model(args.model, meta=False, batch=2, seed=args.seed)
+    if ex_kwargs:
+        raise GraftError(f"distill trains class-conditional DiTs called as model(x, t, y); {args.model} is not one")
+    latents, labels = load_data(args.data)
+    if args.loss:
+        from graftfx.rewrites.rules import load_rules
+
+        rules = load_rules(args.rules)
+        for r in rules:
+            r.loss = args.loss
+    else:
+        rules = args.rules
+    run_distill(model, ex_args, rules, latents, labels, args.out, settings, model_id=args.model, resume=args.resume,
+                progress=not args.no_progress)
+    return 0
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rules", metavar="RULES.toml", help="rule file (path or bundled name)")
+    p.add_argument("--model", required=True, help="teacher: a DiT preset (random weights), a checkpoint, or 'digits' "
+                                                  "(the bundled pretrained model)")
+    p.add_argument("--data", default="digits", help="'digits' (bundled) or a .safetensors/.pt file with tensors "
+                                                    "'latents' (N, C, H, W) and 'labels' (N,) (default: digits)")
+    p.add_argument("--out", required=True, help="output folder: cache/, stage1/, stage2/, grafted/ (export)")
+    p.add_argument("--stage", choices=["1", "2", "both"], default="both", help="which stages to run (default: both)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--cache", metavar="DIR", help="teacher activation cache folder (default: OUT/cache); an "
+                                                    "interrupted write continues on rerun")
+    src.add_argument("--online", action="store_true", help="compute teacher activations on the fly (no disk)")
+    p.add_argument("--resume", action="store_true", help="continue stage 1/2 from the last checkpoint in --out")
+    g = p.add_argument_group("teacher activations")
+    g.add_argument("--samples", type=int, default=1024, help="calibration samples: noised data at t~U{0..999} "
+                                                             "(paper: 8000; default %(default)s)")
+    g.add_argument("--cache-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="storage dtype of the cache (paper: float16)")
+    g.add_argument("--shard-size", type=int, default=256, help="samples per cache shard (default %(default)s)")
+    g = p.add_argument_group("stage 1 (activation distillation)")
+    g.add_argument("--steps1", type=int, default=500, help="steps (default %(default)s)")
+    g.add_argument("--batch1", type=int, default=8, help="batch size (paper: 8)")
+    g.add_argument("--lr1", type=float, default=5e-4, help="lr for attention replacements (paper: 5e-4)")
+    g.add_argument("--lr1-mlp", type=float, default=1e-3, help="lr for MLP replacements (paper: 1e-3)")
+    g.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="lr schedule (paper: constant)")
+    g.add_argument("--warmup1", type=int, default=0, help="warmup steps")
+    g.add_argument("--loss", choices=["l1", "l2", "huber"], help="override every rule's loss (default: L1 for "
+                                                                  "attention replacements, L2 for MLPs)")
+    g = p.add_argument_group("stage 2 (finetuning)")
+    g.add_argument("--steps2", type=int, default=200, help="steps (default %(default)s)")
+    g.add_argument("--batch2", type=int, default=32, help="batch size (paper: 256)")
+    g.add_argument("--lr2", type=float, default=1e-4, help="lr (paper: 1e-4)")
+    g.add_argument("--warmup2", type=int, default=20, help="warmup steps (paper: 4000)")
+    g.add_argument("--train", choices=["all", "spliced"], default="all", help="which parameters train (paper: all)")
+    g.add_argument("--objective", choices=["diffusion", "distill", "both"], default="diffusion",
+                   help="DiT loss on data, output distillation against the teacher, or both")
+    g.add_argument("--ema", type=float, default=0.999, help="EMA decay (paper: 0.9999 over long runs)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed for calibration, batches and init")
+    g.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device (default: %(default)s)")
+    g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
+    g.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _export(args) -> int:
+    from safetensors.torch import load_file
+
+    from graftfx.export.export import fingerprint, read_manifest
+    from graftfx.models.zoo import resolve_model
+
+    import graftfx
+
+    model, ex_args, ex_kwargs = resolve_model(args.model, meta=False, batch=2)
+    grafted = graftfx.graft(model, args.rules, ex_args, ex_kwargs)
+    if args.weights:
+        state = load_file(args.weights)
+        own = grafted.state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing and not args.partial:
+            raise GraftError(f"--weights {args.weights} lacks {len(missing)} keys of the grafted model "
+                             f"(e.g. {missing[0]}); pass --partial to keep the others as they are")
+        grafted.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}}, strict=True)
+    path = graftfx.export_grafted(grafted, args.out, base_id=args.model, base_hash=fingerprint(model))
+    manifest = read_manifest(path)
+    print(f"exported {len(manifest['regions'])} grafted regions to {path}/ (model.safetensors, graft.json)")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rules", metavar="RULES.toml", help="rule file (path or bundled name)")
+    p.add_argument("--model", required=True, help="base model: preset, checkpoint, or 'digits'")
+    p.add_argument("--weights", help="safetensors of trained weights to put in (e.g. OUT/stage1/checkpoint/"
+                                     "params.safetensors)")
+    p.add_argument("--partial", action="store_true", help="allow --weights to cover only some keys (spliced params)")
+    p.add_argument("--out", required=True, help="folder for model.safetensors + graft.json")
+
+
+def register(commands: dict, arg_builders: dict) -> None:
+    commands["distill"] = (_distill, "cache teacher activations, stage 1 distillation, stage 2 finetuning, export",
+                           "Graft MODEL with RULES, record the teacher's region inputs/outputs on noised data "
+                           "(a safetensors cache, or --online), train only the spliced operators to reproduce "
+                           "them (stage 1), optionally finetune the grafted model end to end (stage 2), and export "
+                           "OUT/grafted (model.safetensors + graft.json). Runs under torchrun: stage 1 shards "
+                           "regions across ranks, stage 2 uses DDP.")
+    arg_builders["distill"] = _distill_args
+    commands["export"] = (_export, "write a grafted model as safetensors + graft manifest",
+                          "Graft MODEL with RULES, optionally load trained weights, and write model.safetensors "
+                          "and graft.json; graftfx.load_grafted(base_model, OUT) rebuilds it.")
+    arg_builders["export"] = _export_args

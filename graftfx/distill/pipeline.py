@@ -1,0 +1,151 @@
+"""The distillation job: graft -> teacher activations (cache or online) -> stage 1 -> stage 2 ->
+export. Used by ``graftfx distill`` and the demo. Under ``torchrun`` (WORLD_SIZE > 1), stage 1
+shards regions across ranks and stage 2 runs DDP.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import graftfx
+from graftfx.errors import GraftError
+from graftfx.export.export import export_grafted, fingerprint
+from graftfx.rewrites.rules import load_rules
+
+from .cache import ActivationCache, CacheSpec, OnlineTeacher, write_cache
+from .calibration import CalibrationSet
+from .record import Tap
+from .stage1 import RegionJob, Stage1Config, merge_rank_checkpoints, train_stage1
+from .stage2 import Stage2Config, apply_ema, train_stage2
+
+STAGES = ("1", "2", "both")
+
+
+@dataclass
+class DistillSettings:
+    stage: str = "both"
+    cache: str | None = None          # cache folder; None with online=False -> <out>/cache
+    online: bool = False
+    samples: int = 1024               # calibration samples (the paper: 8,000)
+    cache_dtype: str = "float16"      # the paper stores fp16
+    shard_size: int = 256
+    record_batch: int = 32
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise GraftError(f"--stage {self.stage!r} is not one of {', '.join(STAGES)}")
+        if self.online and self.cache:
+            raise GraftError("--cache and --online exclude each other: pick one")
+
+
+@dataclass
+class DistillResult:
+    grafted: object
+    out: Path
+    stage1: dict | None = None
+    stage2: dict | None = None
+    export: Path | None = None
+
+
+def _world() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def run_distill(model, example_inputs, rules, latents: torch.Tensor, labels: torch.Tensor, out, settings: DistillSettings,
+                *, model_id: str = "", resume: bool = False, progress: bool = True, log=print) -> DistillResult:
+    """Graft ``model`` with ``rules`` and distill; everything lands in ``out``."""
+    rank, world = _world()
+    say = log if rank == 0 else (lambda *a, **k: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ruleset = load_rules(rules)
+    model = model.to(settings.device).eval()
+    example_inputs = tuple(t.to(settings.device) if isinstance(t, torch.Tensor) else t for t in example_inputs)
+    traced = graftfx.trace(model, example_inputs)
+    plan = graftfx.select(traced, ruleset)
+    grafted = graftfx.splice(plan)
+    say(f"grafted {len(grafted.grafts)} regions: " + ", ".join(f"{g.region.path}->{g.operator}" for g in grafted.grafts))
+    model_hash = hashlib.sha256(model_id.encode()).hexdigest()[:16] if model_id else fingerprint(model)
+    result = DistillResult(grafted, out)
+    if settings.stage in ("1", "both"):
+        taps = [Tap.of(g.region) for g in grafted.grafts]
+        calib = CalibrationSet(latents, labels, settings.samples, seed=settings.stage1.seed)
+        if settings.online:
+            source = OnlineTeacher(traced, taps, calib, settings.cache_dtype)
+            say(f"teacher activations: online ({settings.samples} samples, {settings.cache_dtype})")
+        else:
+            folder = Path(settings.cache or out / "cache")
+            spec = CacheSpec(settings.samples, settings.shard_size, settings.cache_dtype, settings.stage1.seed,
+                             ruleset.digest(), model_hash)
+            if rank == 0:
+                write_cache(folder, traced, taps, calib, spec, batch_size=settings.record_batch, progress=progress, log=say)
+            _barrier(world)
+            source = ActivationCache(folder, rule_hash=ruleset.digest(), model_hash=model_hash)
+        jobs = [RegionJob(g.region.path, g.target, grafted.get_submodule(g.target), g.rule.effective_loss, g.region.kind)
+                for g in grafted.grafts]
+        result.stage1 = train_stage1(jobs, source, settings.stage1, out / "stage1", resume=resume, rank=rank,
+                                     world=world, progress=progress)
+        _barrier(world)
+        if world > 1:  # every rank takes every region's trained weights
+            merged = merge_rank_checkpoints(out / "stage1", world)
+            grafted.load_state_dict({**grafted.state_dict(), **merged}, strict=True)
+    if settings.stage in ("2", "both"):
+        cfg = settings.stage2
+        if cfg.num_classes == 1000 and hasattr(model, "config") and hasattr(model.config, "num_classes"):
+            cfg.num_classes = model.config.num_classes
+        teacher = model if cfg.objective != "diffusion" or cfg.train == "all" else None
+        result.stage2 = train_stage2(grafted, teacher, latents, labels, cfg, out / "stage2", resume=resume, rank=rank,
+                                     world=world, progress=progress)
+        apply_ema(grafted, result.stage2["ema"])
+    if rank == 0:
+        metrics = {}
+        if result.stage1:
+            metrics["stage1_final_loss"] = result.stage1["losses"]
+        if result.stage2:
+            metrics["stage2_final_loss"] = result.stage2["loss"]
+        settings_dict = {"stage": settings.stage, "samples": settings.samples, "cache_dtype": settings.cache_dtype,
+                         "online": settings.online, "stage1": asdict(settings.stage1), "stage2": asdict(settings.stage2)}
+        result.export = export_grafted(grafted, out / "grafted", base_id=model_id, base_hash=fingerprint(model),
+                                       settings=settings_dict, metrics=metrics)
+        say(f"exported {result.export}")
+    _barrier(world)
+    return result
+
+
+def load_data(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and labels: ``digits`` (the bundled digits, train split) or a file holding tensors
+    ``latents`` (N, C, H, W) and ``labels`` (N,) (.safetensors, or .pt read with weights_only)."""
+    if spec == "digits":
+        from graftfx.data import digits_split
+
+        (x, y), _ = digits_split()
+        return x, y
+    path = Path(spec)
+    if not path.is_file():
+        raise GraftError(f"data {spec!r} is neither 'digits' nor a file; give a .safetensors/.pt with latents and labels")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        blob = load_file(str(path))
+    else:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in ("latents", "labels") if k not in blob]
+    if missing:
+        raise GraftError(f"data file {path} lacks tensor(s) {', '.join(missing)}; it needs 'latents' (N, C, H, W) and 'labels' (N,)")
+    return blob["latents"].float(), blob["labels"].long()

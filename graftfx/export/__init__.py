@@ -1,0 +1,3 @@
+from .export import export_grafted, fingerprint, load_grafted, read_manifest
+
+__all__ = ["export_grafted", "load_grafted", "read_manifest", "fingerprint"]

@@ -1,0 +1,123 @@
+import json
+import os
+
+import pytest
+import torch
+
+import graftfx
+from graftfx import GraftError
+from graftfx.distill import ActivationCache, CacheSpec, CalibrationSet, OnlineTeacher, Tap, record, write_cache
+from graftfx.distill.cache import Shard, write_shard
+
+
+def _setup(model, rules, digits, samples=24):
+    traced = graftfx.trace(model, model.example_inputs(2))
+    plan = graftfx.select(traced, rules)
+    taps = [Tap.of(r) for _, r in plan.selected]
+    calib = CalibrationSet(*digits, samples=samples, seed=3)
+    return traced, taps, calib
+
+
+def _spec(dtype="float32", samples=24, rule_hash="r1", model_hash="m1"):
+    return CacheSpec(samples=samples, shard_size=10, dtype=dtype, seed=3, rule_hash=rule_hash, model_hash=model_hash)
+
+
+def test_cache_holds_exactly_what_the_teacher_computed(tmp_path, digits_dit, rules, digits):
+    traced, taps, calib = _setup(digits_dit, rules, digits)
+    write_cache(tmp_path, traced, taps, calib, _spec(), batch_size=7, progress=False, log=lambda *a: None)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["complete"] and index["samples"] == 24 and index["rule_hash"] == "r1"
+    assert set(index["regions"]) == {"blocks.1.attn", "blocks.3.attn", "blocks.1.mlp", "blocks.3.mlp"}
+    assert index["regions"]["blocks.1.attn"]["fields"] == {"input": [16, 32], "output": [16, 32]}
+    assert [s["count"] for s in index["shards"]["blocks.1.attn"]] == [10, 10, 4]
+    cache = ActivationCache(tmp_path, rule_hash="r1", model_hash="m1")
+    idx = [23, 0, 11, 5, 11]
+    got = cache.batch(idx)
+    want = record(traced, taps, calib.batch(idx))
+    for path in want:  # recorded in other batch groupings: equal up to float rounding
+        for field in ("input", "output"):
+            torch.testing.assert_close(got[path][field], want[path][field], rtol=1e-5, atol=1e-6, msg=f"{path} {field}")
+
+
+def test_online_teacher_feeds_the_same_batches_as_the_cache(tmp_path, digits_dit, rules, digits):
+    traced, taps, calib = _setup(digits_dit, rules, digits)
+    write_cache(tmp_path, traced, taps, calib, _spec("float16"), progress=False, log=lambda *a: None)
+    cached = ActivationCache(tmp_path).batch([4, 19, 2])
+    online = OnlineTeacher(traced, taps, calib, "float16").batch([4, 19, 2])
+    for path in cached:  # same samples; values agree to the float16 storage precision
+        for field in cached[path]:
+            torch.testing.assert_close(cached[path][field], online[path][field], rtol=2e-3, atol=2e-3)
+
+
+def test_interrupted_write_resumes_without_rewriting_done_shards(tmp_path, digits_dit, rules, digits):
+    traced, taps, calib = _setup(digits_dit, rules, digits)
+    calls = {"n": 0}
+    real = calib.batch
+
+    def flaky(indices):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("power cut")
+        return real(indices)
+
+    calib.batch = flaky
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(tmp_path, traced, taps, calib, _spec(), batch_size=10, progress=False, log=lambda *a: None)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert not index["complete"] and [s["index"] for s in index["shards"]["blocks.1.attn"]] == [0, 1]
+    assert not list(tmp_path.rglob(".*tmp*")), "a half-written shard was left behind"
+    with pytest.raises(GraftError, match="incomplete; rerun the same command"):
+        ActivationCache(tmp_path)
+    first = tmp_path / index["shards"]["blocks.1.attn"][0]["file"]
+    stamp = first.stat().st_mtime_ns
+    calib.batch = real
+    write_cache(tmp_path, traced, taps, calib, _spec(), batch_size=10, progress=False, log=lambda *a: None)
+    assert first.stat().st_mtime_ns == stamp
+    assert ActivationCache(tmp_path).batch([23])["blocks.3.mlp"]["output"].shape == (1, 16, 32)
+
+
+def test_corrupted_or_mismatched_shard_is_reported_by_name(tmp_path, digits_dit, rules, digits):
+    traced, taps, calib = _setup(digits_dit, rules, digits)
+    write_cache(tmp_path, traced, taps, calib, _spec(), progress=False, log=lambda *a: None)
+    index = json.loads((tmp_path / "index.json").read_text())
+    shard = tmp_path / index["shards"]["blocks.3.attn"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cache = ActivationCache(tmp_path)
+    cache.batch([0, 1], paths=["blocks.3.attn"])  # shard 0 is fine
+    with pytest.raises(GraftError, match=f"cache shard {shard} is corrupted"):
+        cache.batch([12], paths=["blocks.3.attn"])
+    with pytest.raises(GraftError, match="recorded with rule_hash r1 but the run has r2"):
+        ActivationCache(tmp_path, rule_hash="r2")
+    with pytest.raises(GraftError, match="written with another model_hash"):
+        write_cache(tmp_path, traced, taps, calib, _spec(model_hash="m9"), progress=False, log=lambda *a: None)
+
+
+def test_refuses_when_the_disk_lacks_room(tmp_path, digits_dit, rules, digits, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    traced, taps, calib = _setup(digits_dit, rules, digits)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    lines = []  # 4 regions x 24 samples x (16 x 32) x {input, output} x 4 bytes = 393,216 bytes
+    with pytest.raises(GraftError, match=r"cache needs 393.22 kB more but .* has 1.00 kB free; use fewer --samples"):
+        write_cache(tmp_path, traced, taps, calib, _spec(), progress=False, log=lines.append)
+    assert "4 regions x 24 samples (float32)" in lines[0]
+    assert not list(tmp_path.glob("r*/shard-*"))
+
+
+def test_shard_reads_rows_memory_mapped(tmp_path):
+    t = torch.randn(50, 3, 4).to(torch.bfloat16)
+    sha = write_shard(tmp_path / "s.safetensors", {"x": t, "y": t.float()})
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "s.safetensors"))["x"], t)  # a valid safetensors file
+    shard = Shard(tmp_path / "s.safetensors")
+    import numpy as np
+
+    rows = shard.rows("x", np.array([7, 2, 49]))
+    assert torch.equal(rows, t[[7, 2, 49]]) and rows.dtype == torch.bfloat16
+    assert isinstance(shard._maps["x"], np.memmap) and len(sha) == 64
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
