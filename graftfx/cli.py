@@ -129,7 +129,8 @@ def _register_extensions() -> None:
     """Subcommands that live in their own modules (bench, distill, demo, ...) add themselves."""
     import importlib
 
-    for module in ("graftfx.bench.cli", "graftfx.distill.cli", "graftfx.demo"):
+    for module in ("graftfx.distill.cli", "graftfx.bench.cli", "graftfx.eval.cli", "graftfx.pretrain.cli",
+                   "graftfx.study.cli", "graftfx.demo"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

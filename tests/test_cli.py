@@ -48,3 +48,22 @@ def test_inspect_writes_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rule mlp-mlp: matched 13, selected 6" in out
     assert (tmp_path / "report.html").exists() and (tmp_path / "after.svg").exists()
+
+
+def test_distill_help_documents_every_flag():
+    res = run("distill", "--help")
+    assert res.returncode == 0
+    for flag in ("--model", "--data", "--out", "--stage", "--cache", "--online", "--resume", "--samples", "--steps1",
+                 "--steps2", "--train", "--objective", "--loss"):
+        assert flag in res.stdout, flag
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["distill", "dit-xl2-mha-swa-50p.toml", "--model", "DiT-S/8", "--data", "nope.bin", "--out", "/tmp/x"],
+                 "data 'nope.bin' is neither 'digits' nor a file", id="data"),
+    pytest.param(["distill", "dit-xl2-mha-swa-50p.toml", "--model", "DiT-S/8", "--out", "/tmp/x", "--cache", "a",
+                  "--online"], "not allowed with argument", id="cache-online"),
+])
+def test_distill_bad_input_exits_2(argv, message):
+    res = run(*argv)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
