@@ -8,7 +8,7 @@ from pathlib import Path
 
 from graftfx.errors import GraftError
 
-MODEL_HELP = ("a preset (DiT-S/2 ... DiT-XL/8; traced on the meta device unless --materialize), "
+MODEL_HELP = ("'digits' (the bundled pretrained model), a preset (DiT-S/2 ... DiT-XL/8; traced on the meta device unless --materialize), "
               "a DiT checkpoint (.pt/.pth/.safetensors, public DiT key layout), "
               "or diffusers:dit / diffusers:pixart / diffusers:FOLDER")
 RULES_HELP = "a TOML rule file (path, or the name of a bundled one in rewrites/rules/)"

@@ -19,6 +19,7 @@ def _distill(args) -> int:
                           log_every=args.log_every)
         s2 = Stage2Config(steps=args.steps2, batch_size=args.batch2, lr=args.lr2, warmup=args.warmup2,
                           train=args.train, objective=args.objective, ema_decay=args.ema, seed=args.seed,
+                          parallel=args.parallel,
                           ckpt_every=args.ckpt_every, log_every=args.log_every)
     except ValueError as e:
         raise GraftError(str(e)) from None
@@ -79,6 +80,8 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", choices=["diffusion", "distill", "both"], default="diffusion",
                    help="DiT loss on data, output distillation against the teacher, or both")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay (paper: 0.9999 over long runs)")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: DDP, or FSDP (fully_shard) for models that do not fit one device")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration, batches and init")
     g.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device (default: %(default)s)")

@@ -37,6 +37,7 @@ class Stage2Config:
     train: str = "all"          # "all" (the paper) or "spliced"
     objective: str = "diffusion"
     distill_weight: float = 1.0
+    parallel: str = "ddp"       # under torchrun: "ddp", or "fsdp" (FSDP2 fully_shard) for models that do not fit
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
     num_classes: int = 1000     # the null class index for dropped labels
     seed: int = 0
@@ -47,6 +48,8 @@ class Stage2Config:
     def __post_init__(self):
         if self.train not in ("all", "spliced"):
             raise ValueError(f"stage 2 train must be all or spliced, got {self.train!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"stage 2 parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"stage 2 objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not 0 <= self.ema_decay < 1:
@@ -96,15 +99,23 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
     for _, p in grafted.named_parameters():
         p.requires_grad_(any(p is q for _, q in params))
     model = grafted.train()
-    if world > 1:
+    if world > 1 and cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(grafted)  # parameters become sharded DTensors; forward gathers them
+        params = [(n, p) for n, p in grafted.named_parameters() if p.requires_grad]
+    elif world > 1:
         model = nn.parallel.DistributedDataParallel(grafted)
     opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", cfg.warmup, cfg.steps))
-    ema = {n: p.detach().clone() for n, p in params}
+    ema = {n: _full(p).detach().clone() for n, p in params}
     diffusion = GaussianDiffusion(num_timesteps=1000)
     sampler = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     metrics = Metrics(out / (f"metrics-rank{rank}.jsonl" if world > 1 else "metrics.jsonl"))
     start = 0
+    if resume and cfg.parallel == "fsdp" and world > 1:
+        raise GraftError("--resume is not supported with --parallel fsdp (sharded optimizer state is not saved); "
+                         "use --parallel ddp")
     if resume and (ckpt / "state.json").exists():
         start = _load(ckpt, grafted, opt, sched, ema, sampler)
         metrics.truncate(start)
@@ -141,15 +152,15 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
         sched.step()
         with torch.no_grad():
             for n, p in params:
-                ema[n].mul_(cfg.ema_decay).add_(p.detach(), alpha=1 - cfg.ema_decay)
+                ema[n].mul_(cfg.ema_decay).add_(_full(p.detach()), alpha=1 - cfg.ema_decay)
         last = loss.item()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics.log({"step": done, "loss/total": last, **{f"loss/{k}": v.item() for k, v in terms.items()},
                          "lr": sched.get_last_lr()[0]})
             bar.set_postfix(loss=f"{last:.4g}")
-        if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            _save(ckpt, grafted, opt, sched, ema, sampler, done, cfg)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save(ckpt, grafted, opt, sched, ema, sampler, done, cfg, write=rank == 0)
     bar.close()
     grafted.eval()
     if rank == 0:
@@ -157,33 +168,51 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
     return {"loss": last, "ema": ema, "steps": cfg.steps}
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded DTensor (collective: every rank calls it); else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def apply_ema(grafted: nn.Module, ema: dict[str, torch.Tensor]) -> None:
     """Copy the EMA weights into ``grafted`` (for evaluation and export)."""
     named = dict(grafted.named_parameters())
     with torch.no_grad():
         for n, v in ema.items():
-            named[n].copy_(v)
+            p = named[n]
+            if hasattr(p, "full_tensor"):  # FSDP: unshard into a plain parameter again
+                module, _, leaf = n.rpartition(".")
+                setattr(grafted.get_submodule(module) if module else grafted, leaf, nn.Parameter(v.clone()))
+            else:
+                p.copy_(v)
 
 
-def _save(folder: Path, grafted, opt, sched, ema, sampler, step: int, cfg: Stage2Config) -> None:
+def _save(folder: Path, grafted, opt, sched, ema, sampler, step: int, cfg: Stage2Config, write: bool = True) -> None:
+    """Rank 0 writes; under FSDP every rank takes part in gathering the full tensors."""
     from safetensors.torch import save_file
 
+    state = {k: _full(v).detach().contiguous().cpu().clone() for k, v in grafted.state_dict().items()}
+    if not write:
+        return
+    fsdp = any(hasattr(p, "full_tensor") for p in grafted.parameters())
     tmp = folder / f".model.tmp{os.getpid()}"
-    state = {k: v.detach().contiguous().cpu().clone() for k, v in grafted.state_dict().items()}
     save_file(state, str(tmp))
     tmp.replace(folder / "model.safetensors")
     tmp = folder / f".ema.tmp{os.getpid()}"
     save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp))
     tmp.replace(folder / "ema.safetensors")
-    atomic_save(folder / "optim.pt", {"opt": opt.state_dict(), "sched": sched.state_dict(),
-                                      "sampler": sampler.get_state(), "rng": rng_state()})
-    write_json(folder / "state.json", {"step": step, "config": asdict(cfg)})
+    if not fsdp:  # sharded optimizer states are not checkpointed: FSDP runs do not resume
+        atomic_save(folder / "optim.pt", {"opt": opt.state_dict(), "sched": sched.state_dict(),
+                                          "sampler": sampler.get_state(), "rng": rng_state()})
+    write_json(folder / "state.json", {"step": step, "config": asdict(cfg), "resumable": not fsdp})
 
 
 def _load(folder: Path, grafted, opt, sched, ema, sampler) -> int:
     from safetensors.torch import load_file
 
     state = read_json(folder / "state.json")
+    if not state.get("resumable", True):
+        raise GraftError(f"checkpoint {folder} comes from an FSDP run, which does not resume; rerun without --resume "
+                         "or use --parallel ddp")
     grafted.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     for k, v in load_file(str(folder / "ema.safetensors")).items():
         ema[k].copy_(v)

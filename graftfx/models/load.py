@@ -84,10 +84,29 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where:
                          + ". Fix: pass the matching config (model size, patch, input size)")
 
 
+def stored_config(path) -> DiTConfig | None:
+    """The DiTConfig a .safetensors file carries in its metadata (key "config", JSON), if any."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        return None
+    try:
+        return DiTConfig(**json.loads(meta["config"]))
+    except (TypeError, ValueError) as e:
+        raise GraftError(f"checkpoint {path}: its metadata config is not a DiTConfig: {e}") from None
+
+
 def load_dit(path, config: DiTConfig | None = None, *, device="cpu", dtype=None) -> DiT:
-    """Load a DiT checkpoint strictly. ``config`` defaults to one inferred from the tensors."""
+    """Load a DiT checkpoint strictly. ``config``: given, else the file's metadata config, else
+    inferred from the tensors' shapes (head count from the DiT presets' width -> heads)."""
     sd = read_state_dict(path)
-    config = config or infer_config(sd)
+    config = config or stored_config(path) or infer_config(sd)
     with torch.device("meta"):
         model = DiT(config)
     check_state_dict(model, sd, str(path))

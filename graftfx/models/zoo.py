@@ -1,5 +1,6 @@
 """Resolve a model spec (CLI's MODEL argument) to (model, example args, example kwargs).
 
+- ``digits``: the bundled pretrained digits DiT (graftfx/assets/digits/dit.safetensors).
 - ``DiT-S/2`` ... ``DiT-XL/8``: a preset; random weights, or the meta device (``meta=True``:
   nothing materialised, for inspecting big models).
 - a path ending in ``.pt``, ``.pth`` or ``.safetensors``: ``load_dit``.
@@ -27,13 +28,18 @@ def resolve_model(spec: str, *, meta: bool = False, batch: int = 2, seed: int = 
         else:
             model = DiT_models[spec]().eval()
         return model, model.example_inputs(batch), {}
+    if spec == "digits":
+        from graftfx.pretrain.bundled import load_bundled_digits_dit
+
+        model = load_bundled_digits_dit()
+        return model, model.example_inputs(batch), {}
     if spec.startswith("diffusers:"):
         return _diffusers(spec.split(":", 1)[1], batch)
     path = Path(spec)
     if path.suffix in (".pt", ".pth", ".safetensors"):
         model = load_dit(path)
         return model, model.example_inputs(batch), {}
-    choices = ", ".join(list(DiT_models) + ["diffusers:dit", "diffusers:pixart", "PATH.pt", "PATH.safetensors"])
+    choices = ", ".join(list(DiT_models) + ["digits", "diffusers:dit", "diffusers:pixart", "PATH.pt", "PATH.safetensors"])
     raise GraftError(f"unknown model {spec!r}; valid: {choices}")
 
 

@@ -62,3 +62,19 @@ def test_stage1_two_ranks_equal_one_process_and_stage2_ddp_runs(setup):
     for rank in (0, 1):
         rows = [json.loads(line) for line in (t / "ddp" / "stage2" / f"metrics-rank{rank}.jsonl").read_text().splitlines()]
         assert rows and all(math.isfinite(r["loss/total"]) for r in rows)
+
+
+def test_stage2_fsdp_runs_and_exports_a_loadable_model(setup, digits_dit):
+    import graftfx
+
+    t = setup
+    base = ["distill", str(t / "rules.toml"), "--model", str(t / "teacher.safetensors")] + COMMON
+    _run(base + ["--out", str(t / "fsdp"), "--stage", "2", "--parallel", "fsdp"], nproc=2)
+    rows = [json.loads(line) for line in (t / "fsdp" / "stage2" / "metrics-rank0.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss/total"]) for r in rows)
+    from graftfx.models import load_dit
+
+    teacher = load_dit(t / "teacher.safetensors")
+    grafted = graftfx.load_grafted(teacher, t / "fsdp" / "grafted")
+    out = grafted(*teacher.example_inputs(2))
+    assert torch.isfinite(out).all()
