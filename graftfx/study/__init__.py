@@ -1,0 +1,3 @@
+from .study import Experiment, Study, StudySettings, load_study, run_study
+
+__all__ = ["load_study", "run_study", "Study", "StudySettings", "Experiment"]

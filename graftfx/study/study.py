@@ -1,0 +1,211 @@
+"""``graftfx study``: sweep rule experiments on one model and report them in the paper's shape.
+
+A study file (TOML, validated, never runs code) names the model, the data, the layer fractions,
+the settings, and ``[[experiment]]`` tables (pattern, operator, options, loss). For each
+experiment x fraction: graft, stage 1 from a shared teacher cache (one cache per pattern,
+recorded once for every region of that pattern), a short stage 2, then Digits-FID, class
+accuracy, parameters, FLOPs and measured CPU latency. Results land in ``results.json`` after
+every experiment, so a rerun skips what is done.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from graftfx.errors import GraftError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FRACTIONS = {"paper-50": "50%", "paper-75": "75%", "all": "100%"}
+_TOP = ("version", "description", "model", "data", "fractions", "settings", "experiment")
+_EXP = ("name", "pattern", "operator", "options", "loss", "fractions", "paper")
+
+
+@dataclass
+class StudySettings:
+    samples: int = 1024
+    steps1: int = 400
+    batch1: int = 8
+    steps2: int = 100
+    batch2: int = 16
+    eval_per_class: int = 20
+    eval_steps: str = "ddim20"
+    cfg_scale: float = 1.5
+    latency_batch: int = 16
+    seed: int = 0
+
+
+@dataclass
+class Experiment:
+    name: str
+    pattern: str
+    operator: str
+    options: dict = field(default_factory=dict)
+    loss: str | None = None
+    fractions: list[str] | None = None
+    paper: dict = field(default_factory=dict)   # the paper's DiT-XL/2 FIDs by fraction, for reference
+
+
+@dataclass
+class Study:
+    path: str
+    description: str
+    model: str
+    data: str
+    fractions: list[str]
+    settings: StudySettings
+    experiments: list[Experiment]
+
+    def runs(self) -> list[tuple[Experiment, str]]:
+        return [(e, f) for e in self.experiments for f in (e.fractions or self.fractions)]
+
+
+def load_study(path) -> Study:
+    from graftfx.rewrites.rules import Rule, Select
+
+    import graftfx.rewrites
+
+    path = Path(path)
+    if not path.is_file():
+        bundled = Path(graftfx.rewrites.__file__).parent / "studies" / path.name
+        if not bundled.is_file():
+            raise GraftError(f"study file {path} not found (bundled studies live in rewrites/studies/)")
+        path = bundled
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise GraftError(f"{path}: not valid TOML: {e}") from None
+    _keys(data, _TOP, f"{path}: unknown top-level key")
+    settings = data.get("settings", {})
+    _keys(settings, [f.name for f in StudySettings.__dataclass_fields__.values()], f"{path}: unknown settings key")
+    fractions = data.get("fractions", list(FRACTIONS))
+    exps = []
+    for i, t in enumerate(data.get("experiment", [])):
+        _keys(t, _EXP, f"{path}: experiment {i + 1}: unknown key")
+        exp = Experiment(**t)
+        for f in exp.fractions or fractions:
+            if f not in FRACTIONS:
+                raise GraftError(f"{path}: experiment {exp.name!r}: fraction {f!r} is not one of {', '.join(FRACTIONS)}")
+        Rule(exp.pattern, exp.operator, Select(preset="all"), exp.options, loss=exp.loss).validate(f"{path}: {exp.name}: ")
+        exps.append(exp)
+    if not exps:
+        raise GraftError(f"{path}: no [[experiment]] tables")
+    return Study(str(path), data.get("description", ""), data.get("model", "digits"), data.get("data", "digits"),
+                 fractions, StudySettings(**settings), exps)
+
+
+def _keys(table: dict, valid, what: str) -> None:
+    for k in table:
+        if k not in valid:
+            raise GraftError(f"{what} {k!r}; valid keys: {', '.join(valid)}")
+
+
+def run_study(study: Study, out, *, only: str | None = None, progress: bool = True, log=print) -> dict:
+    import graftfx
+    from graftfx.distill import ActivationCache, CacheSpec, CalibrationSet, Tap, load_data, write_cache
+    from graftfx.models.zoo import resolve_model
+    from graftfx.rewrites.rules import Rule, RuleSet, Select
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = study.settings
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    results.update(study=study.path, description=study.description, settings=asdict(s), model=study.model)
+    torch.manual_seed(s.seed)
+    teacher, ex_args, _ = resolve_model(study.model, batch=2, seed=s.seed)
+    teacher.requires_grad_(False)
+    latents, labels = load_data(study.data)
+    traced = graftfx.trace(teacher, ex_args)
+    # one cache per pattern, holding every region of that pattern
+    caches = {}
+    for pattern in sorted({e.pattern for e in study.experiments}):
+        every = RuleSet([Rule(pattern, "mha" if "attention" in pattern else "mlp", Select(preset="all"))])
+        plan = graftfx.select(traced, every)
+        taps = [Tap.of(r) for _, r in plan.selected]
+        spec = CacheSpec(s.samples, 256, "float16", s.seed, f"study-{pattern}", graftfx.export.fingerprint(teacher))
+        folder = out / "cache" / pattern
+        write_cache(folder, traced, taps, CalibrationSet(latents, labels, s.samples, seed=s.seed), spec,
+                    progress=progress, log=log)
+        caches[pattern] = ActivationCache(folder)
+    if "teacher" not in results:
+        log("evaluating the teacher")
+        results["teacher"] = _measure(teacher, teacher, s, traced, None, progress)
+        _write(out, results, study)
+    todo = [(e, f) for e, f in study.runs() if (only is None or only in e.name)]
+    for n, (exp, fraction) in enumerate(todo, 1):
+        key = f"{exp.name} @ {FRACTIONS[fraction]}"
+        if key in results["runs"]:
+            log(f"[{n}/{len(todo)}] {key}: done earlier, skipped")
+            continue
+        log(f"[{n}/{len(todo)}] {key}")
+        start = time.perf_counter()
+        results["runs"][key] = _one(exp, fraction, teacher, traced, caches[exp.pattern], latents, labels, s, out, progress)
+        results["runs"][key]["seconds"] = time.perf_counter() - start
+        results["runs"][key].update(experiment=exp.name, fraction=FRACTIONS[fraction], operator=exp.operator,
+                                    pattern=exp.pattern, paper_fid=exp.paper.get(FRACTIONS[fraction]))
+        _write(out, results, study)
+    return results
+
+
+def _one(exp: Experiment, fraction: str, teacher, traced, cache, latents, labels, s: StudySettings, out: Path, progress):
+    import graftfx
+    from graftfx.distill import RegionJob, Stage1Config, Stage2Config, apply_ema, train_stage1, train_stage2
+    from graftfx.rewrites.rules import Rule, Select
+
+    torch.manual_seed(s.seed)
+    rule = Rule(exp.pattern, exp.operator, Select(preset=fraction, paths=["blocks.*"]), dict(exp.options),
+                name=exp.name, loss=exp.loss)
+    grafted = graftfx.splice(graftfx.select(traced, [rule]))
+    jobs = [RegionJob(g.region.path, g.target, grafted.get_submodule(g.target), g.rule.effective_loss, g.region.kind)
+            for g in grafted.grafts]
+    work = out / "runs" / f"{exp.operator}-{exp.loss or 'default'}-{fraction}"
+    s1 = train_stage1(jobs, cache, Stage1Config(steps=s.steps1, batch_size=s.batch1, seed=s.seed, ckpt_every=10**9),
+                      work / "stage1", progress=progress)
+    s2 = train_stage2(grafted, teacher, latents, labels,
+                      Stage2Config(steps=s.steps2, batch_size=s.batch2, seed=s.seed, warmup=10, ckpt_every=10**9,
+                                   num_classes=teacher.config.num_classes), work / "stage2", progress=progress)
+    apply_ema(grafted, s2["ema"])
+    record = _measure(grafted, teacher, s, traced, [rule], progress)
+    record.update(regions=[g.region.path for g in grafted.grafts], loss=jobs[0].loss if jobs else None,
+                  stage1_loss=s1["losses"], stage2_loss=s2["loss"])
+    return record
+
+
+def _measure(model, teacher, s: StudySettings, traced, rules, progress) -> dict:
+    from graftfx.eval import evaluate
+    from graftfx.inspect import inspect
+
+    rec = evaluate(model, n_per_class=s.eval_per_class, steps=s.eval_steps, cfg_scale=s.cfg_scale, sampler="ddim",
+                   seed=s.seed, config=teacher.config, progress=progress)
+    totals = inspect(teacher, rules, traced=traced, render=False).totals
+    x = teacher.example_inputs(s.latency_batch)
+    with torch.no_grad():
+        model(*x)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            model(*x)
+            times.append(time.perf_counter() - t0)
+    return {"fid": rec.fid, "accuracy": rec.accuracy, "eval": rec.to_dict(),
+            "params": totals.get("params_after", totals["params_before"]),
+            "gflops": totals.get("flops_after", totals["flops_before"]) / 1e9,
+            "latency_ms": sorted(times)[3] * 1e3}
+
+
+def _write(out: Path, results: dict, study: Study) -> None:
+    from graftfx.inspect.report import atomic_write
+
+    from .report import plot, table
+
+    atomic_write(out / "results.json", json.dumps(results, indent=1, default=str))
+    atomic_write(out / "table.md", table(results, study))
+    plot(results, out / "quality-vs-latency.png")
