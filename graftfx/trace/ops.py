@@ -42,9 +42,7 @@ _FUNCTION_KINDS = {
     torch.stack: "stack", torch.unbind: "unbind", torch.chunk: "chunk", torch.split: "split",
     torch.permute: "permute", torch.transpose: "transpose", torch.reshape: "reshape",
     torch.flatten: "flatten", torch.tanh: "tanh", torch.sigmoid: "sigmoid", F.mish: "mish",
-    torch.sym_size if hasattr(torch, "sym_size") else None: "size",
 }
-_FUNCTION_KINDS.pop(None, None)
 if hasattr(F, "rms_norm"):
     _FUNCTION_KINDS[F.rms_norm] = "rms_norm"
 

@@ -41,9 +41,8 @@ def analyse(traced: TracedGraph) -> tuple[list[Region], list[Candidate]]:
         fc1 = up.source
         x = linear_input(fc1, gm)
         gate_chain = None
-        node, crossed = act, []
         # Forward: shape ops, then either fc2 directly or a gating multiply.
-        fc2, crossed, stop = walk_forward(act, gm)
+        fc2, _, stop = walk_forward(act, gm)
         if fc2 is None:
             mul = _gating_mul(act, gm)
             if mul is None:
@@ -54,7 +53,7 @@ def analyse(traced: TracedGraph) -> tuple[list[Region], list[Candidate]]:
             if gate_chain.stop_kind != "linear" or linear_input(gate_chain.source, gm) is not x:
                 misses.append(Candidate(path, act.name, f"{act_kind} * {other.name}: the other factor is not a linear of the same input"))
                 continue
-            fc2, crossed2, stop = walk_forward(mul_node, gm)
+            fc2, _, stop = walk_forward(mul_node, gm)
             if fc2 is None:
                 misses.append(Candidate(path, act.name, f"gated {act_kind} found, but no output linear: {stop}"))
                 continue
@@ -87,7 +86,7 @@ def _gating_mul(act: fx.Node, gm):
         node = user
 
 
-def _rows(chain, lin, gm, x_shape) -> torch.Tensor:
+def _rows(chain, lin, gm) -> torch.Tensor:
     """Rows of ``lin``'s weight that reach the end of ``chain``, in order."""
     ids = probe(chain.nodes, lin, channel_ids(node_shape(lin)), gm, chain.nodes[-1] if chain.nodes else lin)
     return ids.reshape(-1, ids.shape[-1])[0].long()
@@ -113,10 +112,10 @@ def _build(traced, act, act_kind, up, gate_chain, x, fc2) -> Region:
 
     gated = gate_chain is not None
     if gated:  # 'gate' = through the activation, 'fc1' = the linear branch
-        take("gate", fc1, _rows(up, fc1, gm, None))
-        take("fc1", gate_chain.source, _rows(gate_chain, gate_chain.source, gm, None))
+        take("gate", fc1, _rows(up, fc1, gm))
+        take("fc1", gate_chain.source, _rows(gate_chain, gate_chain.source, gm))
     else:
-        take("fc1", fc1, _rows(up, fc1, gm, None) if up.nodes else None)
+        take("fc1", fc1, _rows(up, fc1, gm) if up.nodes else None)
     take("fc2", fc2)
     nodes = region_nodes([x], fc2)
     x_shape = node_shape(x)
