@@ -11,7 +11,6 @@ setup: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev,diffusers]'
 	@# Graphviz's `dot` renders the inspect SVGs; graftfx falls back to its own renderer without it.
