@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -38,8 +39,7 @@ def synthetic_cache(folder: Path, regions: dict[str, list[int]], samples: int, s
              "seed": 0, "rule_hash": "bench", "model_hash": "bench", "complete": True,
              "regions": {p: {"dir": f"r{i:03d}", "fields": {"input": s, "output": s}} for i, (p, s) in enumerate(regions.items())},
              "shards": {p: [] for p in regions}}
-    written = 0
-    start = time.perf_counter()
+    written, seconds = 0, 0.0
     for p, shape in regions.items():
         d = index["regions"][p]["dir"]
         (folder / d).mkdir(exist_ok=True)
@@ -47,12 +47,23 @@ def synthetic_cache(folder: Path, regions: dict[str, list[int]], samples: int, s
             n = min(shard_size, samples - k * shard_size)
             t = torch.randn(n, *shape).to(dtype)
             rel = f"{d}/shard-{k:05d}.safetensors"
+            start = time.perf_counter()  # only the writing counts, not making the random data
             sha = write_shard(folder / rel, {"input": t, "output": t})
+            seconds += time.perf_counter() - start
             written += 2 * t.numel() * t.element_size()
             index["shards"][p].append({"index": k, "file": rel, "start": k * shard_size, "count": n, "sha256": sha})
-    seconds = time.perf_counter() - start
     _write_json(folder / INDEX, index)
     return written, seconds
+
+
+def drop_page_cache() -> bool:
+    """Empty the OS page cache so reads come from the disk (needs root); False if not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def dd_rate(folder: Path, nbytes: int) -> tuple[float, float]:
@@ -62,6 +73,7 @@ def dd_rate(folder: Path, nbytes: int) -> tuple[float, float]:
     out = subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mb}", "conv=fdatasync"],
                          capture_output=True, text=True).stderr
     write = _dd_gbps(out)
+    drop_page_cache()
     out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], capture_output=True, text=True).stderr
     read = _dd_gbps(out)
     path.unlink()
@@ -78,13 +90,12 @@ def read_rate(folder: Path, batch: int, batches: int) -> float:
 
     cache = ActivationCache(folder)
     g = torch.Generator().manual_seed(0)
-    cache.batch([0])  # checksums once, outside the timed loop
-    for k in range(len(cache.paths)):
-        cache.batch(list(range(0, cache.samples, cache.index["shard_size"])))
+    cache.batch(list(range(0, cache.samples, cache.index["shard_size"])))  # checksums once, outside the timing
+    drop_page_cache()
     nbytes, start = 0, time.perf_counter()
     for _ in range(batches):
         got = cache.batch(torch.randint(cache.samples, (batch,), generator=g).tolist())
-        nbytes += sum(t.numel() * 2 for f in got.values() for t in f.values())  # bytes as stored (fp16)
+        nbytes += sum(t.numel() * t.element_size() for f in got.values() for t in f.values())
     return nbytes / (time.perf_counter() - start) / 1e9
 
 
@@ -125,23 +136,29 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=1.0, help="cache size for the I/O test, GB")
     p.add_argument("--xl-steps", type=int, default=2, help="timed stage-1 steps for DiT-XL/2")
     p.add_argument("--s-steps", type=int, default=10, help="timed stage-1 steps for DiT-S/2")
+    p.add_argument("--read-batch", type=int, default=8, help="samples per random read (stage 1's batch)")
+    p.add_argument("--read-batches", type=int, default=100, help="random reads timed")
+    p.add_argument("--skip-stage1", action="store_true", help="only the I/O part")
     args = p.parse_args()
     folder = Path(args.folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     print(f"# bench_distill  {datetime.date.today()}  torch {torch.__version__}  {torch.get_num_threads()} threads  "
-          f"command: python benchmarks/bench_distill.py --gb {args.gb} --xl-steps {args.xl_steps} --s-steps {args.s_steps}")
+          f"command: python {' '.join(sys.argv)}")
     # 1. I/O at DiT-XL/2 region shapes (256 tokens x 1152, fp16)
     samples = int(args.gb * 1e9 / (2 * 256 * 1152 * 2 * 14))
     regions = {f"blocks.{i}.attn": [256, 1152] for i in range(1, 28, 2)}
     written, seconds = synthetic_cache(folder / "io", regions, samples, shard_size=64)
     dd_w, dd_r = dd_rate(folder, written)
-    rd = read_rate(folder / "io", batch=8, batches=200)
-    print("\n| cache I/O | GB | cache GB/s | dd GB/s | ratio | target |\n|---|---|---|---|---|---|")
+    rd = read_rate(folder / "io", batch=args.read_batch, batches=args.read_batches)
+    cold = "cold: page cache dropped" if drop_page_cache() else "warm: page cache could not be dropped"
+    print(f"\n| cache I/O ({cold}) | GB | cache GB/s | dd GB/s | ratio | target |\n|---|---|---|---|---|---|")
     print(f"| write (fsync per shard) | {written / 1e9:.2f} | {written / seconds / 1e9:.2f} | {dd_w:.2f} | "
           f"{written / seconds / 1e9 / dd_w:.0%} | >= 50% |")
-    print(f"| random minibatch read (batch 8) | - | {rd:.2f} | {dd_r:.2f} | {rd / dd_r:.0%} | >= 50% |")
+    print(f"| random minibatch read (batch {args.read_batch}, {args.read_batches} batches) | - | {rd:.2f} | {dd_r:.2f} | {rd / dd_r:.0%} | >= 50% |")
     shutil.rmtree(folder / "io")
+    if args.skip_stage1:
+        return
     # 2. stage 1
     print("\n| stage 1 from cache | regions | steps/s | peak RSS GB | target |\n|---|---|---|---|---|")
     s = stage1("DiT-S/2", folder / "s", args.s_steps, 256, 384, [f"blocks.{i}.attn" for i in range(1, 12, 2)])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -74,18 +75,48 @@ class Shard:
             (n,) = struct.unpack("<Q", f.read(8))
             self.header = json.loads(f.read(n))
         self.base = 8 + n
-        self._maps: dict[str, np.memmap] = {}
+        self.mapped: type | None = None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
     def rows(self, name: str, idx: np.ndarray) -> torch.Tensor:
-        if name not in self._maps:
-            meta = self.header[name]
-            self._maps[name] = np.memmap(self.path, dtype=_NP[meta["dtype"]], mode="r",
-                                         offset=self.base + meta["data_offsets"][0], shape=tuple(meta["shape"]))
-        out = torch.from_numpy(np.ascontiguousarray(self._maps[name][idx]))
-        return out.view(torch.bfloat16) if self.header[name]["dtype"] == "BF16" else out
+        return _as_torch(self.rows_np(name, idx), self.header[name]["dtype"])
+
+    def rows_np(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (sorted ascending reads best) of tensor ``name``, copied out of a mapping
+        that is closed again right away: the process never holds more than one batch of it."""
+        meta = self.header[name]
+        start = self.base + meta["data_offsets"][0]
+        mapped = np.memmap(self.path, dtype=_NP[meta["dtype"]], mode="r", offset=start, shape=tuple(meta["shape"]))
+        self.mapped = type(mapped)
+        _prefetch(mapped, start, idx)
+        out = np.ascontiguousarray(mapped[idx])
+        del mapped
+        return out
+
+
+def _as_torch(array: np.ndarray, st_dtype: str) -> torch.Tensor:
+    out = torch.from_numpy(array)
+    return out.view(torch.bfloat16) if st_dtype == "BF16" else out
+
+
+def _prefetch(mapped: np.memmap, start: int, idx: np.ndarray) -> None:
+    """Ask the kernel to read every wanted row now (one large request each), instead of faulting
+    them in page by page during the copy."""
+    mm = getattr(mapped, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not len(idx):
+        return
+    row = mapped.strides[0]
+    base = start - start % mmap.ALLOCATIONGRANULARITY  # where numpy's mapping begins in the file
+    page = mmap.PAGESIZE
+    for i in np.unique(idx):
+        lo = start - base + int(i) * row
+        aligned = lo - lo % page
+        try:
+            mm.madvise(mmap.MADV_WILLNEED, aligned, lo + row - aligned)
+        except (OSError, ValueError):
+            return
 
 
 def file_sha256(path: Path) -> str:
@@ -262,24 +293,30 @@ class ActivationCache:
         return self._shards[name]
 
     def batch(self, indices, paths=None) -> dict[str, dict[str, torch.Tensor]]:
+        """{path: {field: tensor}} for samples ``indices``, in the cache's storage dtype (the
+        trainer converts on its device)."""
         idx = np.asarray(list(indices), dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.samples):
             raise GraftError(f"cache index out of range 0..{self.samples - 1}")
         size = self.index["shard_size"]
         order = np.argsort(idx, kind="stable")
+        ordered = idx[order]
+        unsort = np.argsort(order, kind="stable")
+        st_dtype = _ST[DTYPES[self.index["dtype"]]]
+        bounds = np.flatnonzero(np.diff(ordered // size)) + 1
         out = {}
         for path in paths or self.paths:
             entries = {s["index"]: s for s in self.index["shards"][path]}
-            fields = self.index["regions"][path]["fields"]
-            result = {f: torch.empty((len(idx), *shape), dtype=_TORCH[_ST[DTYPES[self.index['dtype']]]])
-                      for f, shape in fields.items()}
-            for k in np.unique(idx // size):
-                sel = order[(idx[order] // size) == k]
-                shard = self._shard(entries[int(k)], path)
-                rows = idx[sel] - k * size
-                for f in fields:
-                    result[f][torch.from_numpy(sel)] = shard.rows(f, rows)
-            out[path] = {f: t.float() for f, t in result.items()}
+            parts: dict[str, list[np.ndarray]] = {f: [] for f in self.index["regions"][path]["fields"]}
+            for group in np.split(ordered, bounds):
+                if not group.size:
+                    continue
+                k = int(group[0] // size)
+                shard = self._shard(entries[k], path)
+                for f in parts:
+                    parts[f].append(shard.rows_np(f, group - k * size))
+            # gather in numpy: torch's CPU cat/indexing of float16 is a slow path
+            out[path] = {f: _as_torch(np.concatenate(v)[unsort], st_dtype) for f, v in parts.items()}
         return out
 
 
@@ -301,5 +338,5 @@ class OnlineTeacher:
         taps = [t for t in self.taps if paths is None or t.path in paths]
         x, t, y = self.calib.batch(list(indices))
         got = record(self.traced, taps, (x, t, y))
-        # round through the storage dtype so online and cached runs see identical numbers
-        return {p: {f: v.to(self.dtype).float() for f, v in fields.items()} for p, fields in got.items()}
+        # in the storage dtype, as a cache returns them
+        return {p: {f: v.to(self.dtype) for f, v in fields.items()} for p, fields in got.items()}

@@ -110,8 +110,8 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
         batch = source.batch(idx, paths=[j.path for j in mine])
         for job in mine:
             fields = batch[job.path]
-            x, y = fields["input"].to(device), fields["output"].to(device)
-            args = (x, fields["context"].to(device)) if "context" in fields else (x,)
+            x, y = fields["input"].to(device).float(), fields["output"].to(device).float()
+            args = (x, fields["context"].to(device).float()) if "context" in fields else (x,)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 pred = job.module(*args)
             loss = loss_fn(job.loss, pred.float(), y, cfg.huber_delta)
