@@ -148,7 +148,7 @@ def main() -> None:
     # 1. I/O at DiT-XL/2 region shapes (256 tokens x 1152, fp16)
     samples = int(args.gb * 1e9 / (2 * 256 * 1152 * 2 * 14))
     regions = {f"blocks.{i}.attn": [256, 1152] for i in range(1, 28, 2)}
-    written, seconds = synthetic_cache(folder / "io", regions, samples, shard_size=64)
+    written, seconds = synthetic_cache(folder / "io", regions, samples, shard_size=256)  # the CLI default
     dd_w, dd_r = dd_rate(folder, written)
     rd = read_rate(folder / "io", batch=args.read_batch, batches=args.read_batches)
     cold = "cold: page cache dropped" if drop_page_cache() else "warm: page cache could not be dropped"

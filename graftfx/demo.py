@@ -21,10 +21,10 @@ DEFAULT_RULES = "digits-mha-hyena_x-50p.toml"
 class DemoSettings:
     rules: str = DEFAULT_RULES
     samples: int = 512            # calibration samples for the teacher cache
-    steps1: int = 300
-    steps2: int = 60
+    steps1: int = 400
+    steps2: int = 100
     batch2: int = 16
-    eval_per_class: int = 10      # Digits-FID samples per class
+    eval_per_class: int = 20      # Digits-FID samples per class
     eval_steps: str = "ddim10"
     cfg_scale: float = 1.5
     seed: int = 0

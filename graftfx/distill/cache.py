@@ -48,9 +48,10 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     header, offset, blobs = {}, 0, []
     for name, t in tensors.items():
         t = t.detach().contiguous().cpu()
-        raw = t.view(torch.uint16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-        header[name] = {"dtype": _ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
+        array = t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        raw = memoryview(array).cast("B")  # the tensor's own bytes: no copy
+        header[name] = {"dtype": _ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + raw.nbytes]}
+        offset += raw.nbytes
         blobs.append(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
