@@ -122,7 +122,7 @@ def summary_table(rows) -> str:
 
 
 def write_report(out: Path, s: DemoSettings, report, rows, result) -> None:
-    from graftfx.inspect.report import atomic_write
+    from graftfx.io import atomic_write_text as atomic_write
 
     rec = rows[0]["record"]
     sampler = f"{rec['sampler']} sampler, {rec['steps']} steps, CFG {rec['cfg_scale']}, seed {rec['seed']}, " \

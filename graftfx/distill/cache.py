@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from graftfx.errors import GraftError
+from graftfx.io import atomic_path, atomic_write_json
 
 from .calibration import CalibrationSet
 from .record import Tap, record
@@ -56,14 +57,12 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     digest = hashlib.sha256()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for chunk in (struct.pack("<Q", len(head)), head, *blobs):
             f.write(chunk)
             digest.update(chunk)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
     return digest.hexdigest()
 
 
@@ -129,9 +128,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 # ---------------------------------------------------------------------------------------------

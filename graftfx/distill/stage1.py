@@ -8,7 +8,6 @@ replacements and L2 for MLPs (per rule; Huber selectable).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from graftfx.errors import GraftError
+
+from graftfx.io import atomic_path
 
 from .train_utils import (Metrics, atomic_save, lr_lambda, plot_curves, read_json, restore_rng, rng_state,
                           short_name, write_json)
@@ -153,9 +154,8 @@ def _save(folder: Path, jobs, opts, scheds, sampler, step: int, cfg: Stage1Confi
     from safetensors.torch import save_file
 
     tensors = {f"{j.target}.{k}": v.detach().contiguous().cpu() for j in jobs for k, v in j.module.state_dict().items()}
-    tmp = folder / f".params.tmp{os.getpid()}"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / "params.safetensors")
+    with atomic_path(folder / "params.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     atomic_save(folder / "optim.pt", {"opt": {j.path: opts[j.path].state_dict() for j in jobs},
                                       "sched": {j.path: scheds[j.path].state_dict() for j in jobs},
                                       "sampler": sampler.get_state(), "rng": rng_state()})

@@ -8,7 +8,6 @@ trained weights; bf16 autocast on CUDA; DDP when run under torchrun.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from tqdm.auto import tqdm
 
 from graftfx.errors import GraftError
 from graftfx.models.diffusion import GaussianDiffusion
+
+from graftfx.io import atomic_path
 
 from .train_utils import Metrics, atomic_save, lr_lambda, plot_curves, read_json, restore_rng, rng_state, write_json
 
@@ -194,12 +195,10 @@ def _save(folder: Path, grafted, opt, sched, ema, sampler, step: int, cfg: Stage
     if not write:
         return
     fsdp = any(hasattr(p, "full_tensor") for p in grafted.parameters())
-    tmp = folder / f".model.tmp{os.getpid()}"
-    save_file(state, str(tmp))
-    tmp.replace(folder / "model.safetensors")
-    tmp = folder / f".ema.tmp{os.getpid()}"
-    save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp))
-    tmp.replace(folder / "ema.safetensors")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(folder / "ema.safetensors") as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp))
     if not fsdp:  # sharded optimizer states are not checkpointed: FSDP runs do not resume
         atomic_save(folder / "optim.pt", {"opt": opt.state_dict(), "sched": sched.state_dict(),
                                           "sampler": sampler.get_state(), "rng": rng_state()})

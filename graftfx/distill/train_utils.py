@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
+
+from graftfx.io import atomic_path, atomic_torch_save as atomic_save, atomic_write_json as write_json, atomic_write_text
 
 
 class Metrics:
@@ -22,27 +23,12 @@ class Metrics:
 
     def truncate(self, step: int) -> None:
         keep = [line for line in self.read() if line.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-def atomic_save(path: Path, obj) -> None:
-    """torch.save to a temporary name, then rename (readable with weights_only=True)."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 def read_json(path: Path) -> dict:
@@ -103,8 +89,14 @@ def plot_curves(metrics_path: Path, png: Path, title: str, prefix: str = "loss/"
     if keys:
         ax.legend(fontsize=7, ncol=2 if len(keys) > 8 else 1)
     fig.tight_layout()
-    tmp = Path(png).with_name(f".{Path(png).name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png)
     return Path(png)
+
+
+def save_figure(fig, png) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

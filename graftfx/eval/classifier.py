@@ -27,7 +27,7 @@ from torch import nn
 
 from graftfx.errors import GraftError
 
-from .files import atomic_path, atomic_write_text
+from graftfx.io import atomic_path, atomic_write_text
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "digits"
 DEFAULT_WEIGHTS = ASSET_DIR / "classifier.safetensors"

@@ -124,7 +124,7 @@ def cmd_inception_fid(args) -> int:
     if args.json:
         import json
 
-        from .files import atomic_write_text
+        from graftfx.io import atomic_write_text
         atomic_write_text(args.json, json.dumps({"fid": value, "n": int(images.shape[0]), "metric": fid.metric,
                                                  "reference": fid.reference_name,
                                                  "extractor": fid.extractor_name}, indent=2) + "\n")

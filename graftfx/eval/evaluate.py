@@ -14,7 +14,7 @@ import torch
 
 from graftfx.errors import GraftError
 
-from .files import atomic_write_text
+from graftfx.io import atomic_write_text
 
 SAMPLER_DEFAULTS = dict(steps=250, cfg_scale=1.5, sampler="ddpm", seed=0)  # the paper's FID settings
 

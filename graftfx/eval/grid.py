@@ -17,7 +17,7 @@ import torch
 
 from graftfx.errors import GraftError
 
-from .files import atomic_path
+from graftfx.io import atomic_path
 
 
 def _to_array(images) -> np.ndarray:

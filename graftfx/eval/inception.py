@@ -23,7 +23,7 @@ import torch
 
 from graftfx.errors import GraftError
 
-from .files import atomic_path
+from graftfx.io import atomic_path
 from .frechet import GaussianStats, gaussian_stats, stats_distance
 
 BACKENDS = {"torch-fidelity": "torch_fidelity", "pytorch-fid": "pytorch_fid"}  # pip name -> import name

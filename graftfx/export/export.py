@@ -9,13 +9,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 import graftfx
 from graftfx.errors import GraftError
+from graftfx.io import atomic_write_json
 from graftfx.rewrites.rules import Rule, RuleSet, Select
 from graftfx.splice.splice import GraftedModule, make_inputs
 
@@ -50,9 +50,7 @@ def export_grafted(grafted: GraftedModule, folder, *, base_id: str = "", base_ha
         "settings": settings or {},
         "metrics": metrics or {},
     }
-    tmp = folder / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    tmp.replace(folder / MANIFEST)
+    atomic_write_json(folder / MANIFEST, manifest)
     return folder
 
 

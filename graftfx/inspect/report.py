@@ -8,10 +8,10 @@ from __future__ import annotations
 import difflib
 import html
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from graftfx.io import atomic_write_text
 from graftfx.match.cost import graph_flops, module_flops
 from graftfx.match.match import match_all
 from graftfx.select.select import Plan, select
@@ -125,17 +125,7 @@ tr.sel{{background:#fff5f5}}.figs{{display:flex;gap:2em;align-items:flex-start;o
             files["graph.diff"] = self.diff
         if self.svg_before:
             files["before.svg"], files["after.svg"] = self.svg_before, self.svg_after
-        out = {}
-        for name, text in files.items():
-            out[name] = atomic_write(folder / name, text)
-        return out
-
-
-def atomic_write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+        return {name: atomic_write_text(folder / name, text) for name, text in files.items()}
 
 
 def _count(n) -> str:

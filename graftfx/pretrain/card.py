@@ -12,7 +12,7 @@ import torch
 
 from graftfx.models.diffusion import sample
 
-from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
+from graftfx.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
 
 PER_CLASS = 10
 

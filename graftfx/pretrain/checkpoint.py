@@ -21,7 +21,7 @@ import torch
 
 from graftfx.errors import GraftError
 
-from .io import atomic_save_safetensors, atomic_write_json, temp_name
+from graftfx.io import atomic_save_safetensors, atomic_write_json, temp_name
 
 LATEST = "latest.json"
 

@@ -23,7 +23,7 @@ from graftfx.errors import GraftError
 from graftfx.models import DiT, DiTConfig, GaussianDiffusion
 
 from .checkpoint import latest_step, load_checkpoint, save_checkpoint
-from .io import atomic_write_text
+from graftfx.io import atomic_write_text
 
 NUM_TIMESTEPS = 1000
 # Settings that define the trajectory: a resumed run must use the checkpoint's values.

@@ -67,10 +67,10 @@ class GraftedModule(fx.GraphModule):
         """The grafted model's state as safetensors (tied tensors handled), written atomically."""
         from safetensors.torch import save_model
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_model(self, str(tmp))
-        tmp.replace(path)
+        from graftfx.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_model(self, str(tmp))
 
     def load_state(self, path) -> None:
         """Load a state saved by ``save_state``; keys and shapes are checked first, strictly."""

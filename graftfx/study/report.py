@@ -2,8 +2,9 @@
 quality-vs-latency plot."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from graftfx.distill.train_utils import save_figure
 
 COLUMNS = ("50%", "75%", "100%")
 
@@ -75,8 +76,5 @@ def plot(results: dict, png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    tmp = Path(png).with_name(f".{Path(png).name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png)
     return Path(png)

@@ -202,7 +202,7 @@ def _measure(model, teacher, s: StudySettings, traced, rules, progress) -> dict:
 
 
 def _write(out: Path, results: dict, study: Study) -> None:
-    from graftfx.inspect.report import atomic_write
+    from graftfx.io import atomic_write_text as atomic_write
 
     from .report import plot, table
 

@@ -14,7 +14,7 @@ from graftfx.models import DiT, DiTConfig, GaussianDiffusion, load_dit
 from graftfx.pretrain import (BUNDLED_DIGITS_DIT, TrainSettings, bundled_digits_config, load_bundled_digits_dit,
                               train_digits)
 from graftfx.pretrain.checkpoint import latest_step, load_checkpoint
-from graftfx.pretrain.io import atomic_save_safetensors
+from graftfx.io import atomic_save_safetensors
 from graftfx.pretrain.train import batch_indices, eval_loss, resolve_settings
 
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0,
