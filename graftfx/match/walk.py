@@ -38,14 +38,14 @@ def walk_back(start: fx.Node, gm: fx.GraphModule, allow_norm: bool = False) -> C
             chain.source, chain.stop_kind = node, "linear"
             break
         if kind in SHAPE_OPS or kind == "size":
-            prev = _first_tensor_arg(node)
-        elif kind in ("mul", "div") and _scalar_operand(node) is not None:
-            value = _scalar_operand(node)
+            prev = first_tensor_arg(node)
+        elif kind in ("mul", "div") and scalar_operand(node) is not None:
+            value = scalar_operand(node)
             chain.scale *= value if kind == "mul" else 1.0 / value
-            prev = _first_tensor_arg(node)
+            prev = first_tensor_arg(node)
         elif allow_norm and kind in NORMS and chain.norm is None:
             chain.norm = node
-            prev = _first_tensor_arg(node)
+            prev = first_tensor_arg(node)
         else:
             chain.source, chain.stop_kind = node, kind
             break
@@ -78,7 +78,7 @@ def walk_forward(start: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, li
         node = user
 
 
-def _first_tensor_arg(node: fx.Node) -> fx.Node | None:
+def first_tensor_arg(node: fx.Node) -> fx.Node | None:
     for a in node.args:
         if isinstance(a, fx.Node):
             return a
@@ -89,7 +89,7 @@ def _first_tensor_arg(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _scalar_operand(node: fx.Node):
+def scalar_operand(node: fx.Node):
     a, b = (list(node.args) + [None, None])[:2]
     if isinstance(a, fx.Node) and isinstance(b, SCALARS) and not isinstance(b, bool):
         return float(b)
@@ -245,8 +245,8 @@ def _probe(chain_nodes, seed, seed_value, gm, want):
         if n not in chain:
             return _static_value(n, gm)
         if kind in NORMS or kind == "dropout" or kind == "identity" or \
-                (kind in ("mul", "div") and _scalar_operand(n) is not None) or kind in ("to", "alias", "clone", "contiguous"):
-            return value(_first_tensor_arg(n))
+                (kind in ("mul", "div") and scalar_operand(n) is not None) or kind in ("to", "alias", "clone", "contiguous"):
+            return value(first_tensor_arg(n))
         args = value(n.args)
         kwargs = {k: value(v) for k, v in n.kwargs.items()}
         if n.op == "call_method":

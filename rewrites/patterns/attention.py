@@ -18,7 +18,7 @@ import torch.fx as fx
 from graftfx.match.cost import count_params, graph_flops
 from graftfx.match.region import CROSS_ATTENTION, JOINT_ATTENTION, SELF_ATTENTION, Region
 from graftfx.match.report import Candidate, MatchReport, analysis_cache
-from graftfx.match.walk import (_first_tensor_arg, _scalar_operand, channel_ids, params_of, probe,
+from graftfx.match.walk import (first_tensor_arg, scalar_operand, channel_ids, params_of, probe,
                                 region_nodes, walk_back, walk_forward)
 from graftfx.trace.ops import SHAPE_OPS, linear_input, linear_params, op_kind
 from graftfx.trace.tracer import TracedGraph, module_path, node_shape
@@ -53,11 +53,11 @@ def _cores(traced: TracedGraph):
 def _explicit_core(softmax: fx.Node, gm):
     """softmax(scores) where scores = (q @ k^T) [* or / scalar], followed by @ v."""
     scale = 1.0
-    scores = _first_tensor_arg(softmax)
-    while scores is not None and op_kind(scores, gm) in ("mul", "div") and _scalar_operand(scores) is not None:
-        s = _scalar_operand(scores)
+    scores = first_tensor_arg(softmax)
+    while scores is not None and op_kind(scores, gm) in ("mul", "div") and scalar_operand(scores) is not None:
+        s = scalar_operand(scores)
         scale *= s if op_kind(scores, gm) == "mul" else 1.0 / s
-        scores = _first_tensor_arg(scores)
+        scores = first_tensor_arg(scores)
     if scores is None:
         return None
     skind = op_kind(scores, gm)
@@ -140,8 +140,8 @@ def analyse(traced: TracedGraph) -> tuple[list[Region], list[Candidate]]:
 def _joint(region: Region, traced: TracedGraph) -> bool:
     """The tokens attended over are a concatenation of streams (e.g. text + image tokens)."""
     node = region.input
-    while op_kind(node, traced.gm) in SHAPE_OPS and _first_tensor_arg(node) is not None:
-        node = _first_tensor_arg(node)
+    while op_kind(node, traced.gm) in SHAPE_OPS and first_tensor_arg(node) is not None:
+        node = first_tensor_arg(node)
     if op_kind(node, traced.gm) != "cat":
         return False
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
