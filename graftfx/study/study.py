@@ -153,7 +153,43 @@ def run_study(study: Study, out, *, only: str | None = None, progress: bool = Tr
         results["runs"][key].update(experiment=exp.name, fraction=FRACTIONS[fraction], operator=exp.operator,
                                     pattern=exp.pattern, paper_fid=exp.paper.get(FRACTIONS[fraction]))
         _write(out, results, study)
+    if todo:
+        log("timing every configuration again, interleaved, in one pass")
+        latency_pass(study, results, teacher, traced)
+        _write(out, results, study)
     return results
+
+
+def latency_pass(study: Study, results: dict, teacher, traced, rounds: int = 5) -> None:
+    """Re-measure CPU latency of the teacher and every run in interleaved rounds, so that every
+    number comes from the same quiet stretch of time (latency does not depend on weight values,
+    so each run's graft is rebuilt untrained). Overwrites ``latency_ms``."""
+    import graftfx
+    from graftfx.rewrites.rules import Rule, Select
+
+    s = study.settings
+    models = {"teacher": teacher}
+    inv = {v: k for k, v in FRACTIONS.items()}
+    for exp, fraction in study.runs():
+        key = f"{exp.name} @ {FRACTIONS[fraction]}"
+        if key in results["runs"]:
+            rule = Rule(exp.pattern, exp.operator, Select(preset=inv[FRACTIONS[fraction]], paths=["blocks.*"]),
+                        dict(exp.options), name=exp.name, loss=exp.loss)
+            torch.manual_seed(s.seed)
+            models[key] = graftfx.splice(graftfx.select(traced, [rule])).eval()
+    x = teacher.example_inputs(s.latency_batch)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():
+            m(*x)
+        for _ in range(rounds):
+            for key, m in models.items():
+                t0 = time.perf_counter()
+                m(*x)
+                times[key].append(time.perf_counter() - t0)
+    for key, ts in times.items():
+        ms = sorted(ts)[len(ts) // 2] * 1e3
+        (results["teacher"] if key == "teacher" else results["runs"][key])["latency_ms"] = ms
 
 
 def _one(exp: Experiment, fraction: str, teacher, traced, cache, latents, labels, s: StudySettings, out: Path, progress):
