@@ -20,6 +20,7 @@ import mmap
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,13 +57,18 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
         blobs.append(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
+    chunks = (struct.pack("<Q", len(head)), head, *blobs)
     digest = hashlib.sha256()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for chunk in (struct.pack("<Q", len(head)), head, *blobs):
-            f.write(chunk)
-            digest.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+    hasher = threading.Thread(target=lambda: [digest.update(c) for c in chunks])  # sha256 releases the GIL
+    hasher.start()
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        hasher.join()
     return digest.hexdigest()
 
 
