@@ -19,25 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .._attention import LOG2E as _LOG2E
+from .._attention import bwd_delta_kernel, dot as _dot, launch_cfg as _launch_cfg
+from .._attention import strides as _strides, unit_last as _unit_last
 from .._dispatch import optional_backend, use_triton
 from .naive import naive_swa, naive_swa_bwd
 
-_LOG2E = 1.4426950408889634
 BACKENDS = ("triton", "flash_attn", "reference")
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in fp32. UPCAST (CPU interpreter only) multiplies fp32 copies of
-    bf16/fp16 operands, which is what the tensor cores compute: the interpreter's own
-    bf16 dot multiplies raw bit patterns."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
 @triton.jit
 def _first_block(start, WINDOW, L, BLOCK: tl.constexpr, N_ITERS: tl.constexpr):
     """First inner block a program sweeps: the one holding ``start - WINDOW``, moved back
@@ -100,30 +91,6 @@ def _swa_fwd_kernel(Q, K, V, O, LSE,
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh * L + offs_m, lse, mask=m_ok)
-
-
-@triton.jit
-def _swa_bwd_delta_kernel(O, DO, DLSE, DELTA,
-                          sob, soh, sol, sdb, sdh, sdl,
-                          H, L, D,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    bh = pid_bh.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < L
-    mask = m_ok[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + bh * L + offs_m, mask=m_ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * L + offs_m, delta, mask=m_ok)
 
 
 @triton.jit
@@ -231,15 +198,6 @@ def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """Kernels index the head dim with unit stride; other strides are passed through."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def _blocks(window: int, block_m: int | None, block_n: int | None) -> tuple[int, int]:
     """(outer, inner) block sizes. The outer block is what a program owns; the inner block
     is what it sweeps. Small windows sweep small blocks so that little work is masked away."""
@@ -255,13 +213,6 @@ def _n_iters(length: int, window: int, outer: int, inner: int) -> int:
     """Inner blocks that cover the window of one outer block: its keys (or queries) span
     ``outer - 1 + 2 * window`` positions at any alignment, never more than the whole row."""
     return min(triton.cdiv(length, inner), (outer - 1 + 2 * window) // inner + 2)
-
-
-def _launch_cfg(dtype: torch.dtype, device: torch.device, head_dim: int):
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    num_warps = 8 if block_d >= 128 else 4
-    return block_d, precision, num_warps, device.type == "cpu" and dtype != torch.float32
 
 
 def swa_fwd(q, k, v, window: int, scale: float | None = None,
@@ -299,7 +250,7 @@ def swa_bwd(do, q, k, v, o, lse, window: int, scale: float | None = None, dlse=N
     lse = lse.float().contiguous()
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     dlse_arg = dlse.float().contiguous() if dlse is not None else delta
-    _swa_bwd_delta_kernel[(triton.cdiv(L, bm), B * H)](
+    bwd_delta_kernel[(triton.cdiv(L, bm), B * H)](
         o, do, dlse_arg, delta, *_strides(o), *_strides(do), H, L, D,
         BLOCK_M=bm, BLOCK_D=block_d, HAS_DLSE=dlse is not None, num_warps=4)
 

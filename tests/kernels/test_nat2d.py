@@ -237,7 +237,7 @@ def test_kernels_compile_for_h100():
     blocks = dict(BLOCK_D=128, PRECISION="tf32", UPCAST=False)
     _compile_for_h100("nat2d", [   # DiT-XL/2: 16x16 grid, k=7, head dim 72 -> BLOCK_D 128
         ("_nat2d_fwd_kernel", dict(BLOCK_M=16, BLOCK_N=16, N_ROWS=7, N_COLS=1, **blocks), 8),
-        ("_nat2d_bwd_delta_kernel", dict(BLOCK_M=16, BLOCK_D=128, HAS_DLSE=False), 4),
+        ("bwd_delta_kernel", dict(BLOCK_M=16, BLOCK_D=128, HAS_DLSE=False), 4),
         ("_nat2d_bwd_dkdv_kernel", dict(BLOCK_M=16, BLOCK_N=16, N_ROWS=10, N_COLS=1, **blocks), 8),
         ("_nat2d_bwd_dq_kernel", dict(BLOCK_M=16, BLOCK_N=16, N_ROWS=7, N_COLS=1, **blocks), 8),
     ])

@@ -243,7 +243,7 @@ def test_kernels_compile_for_h100():
     blocks = dict(BLOCK_D=128, PRECISION="tf32", UPCAST=False)
     _compile_for_h100("swa", [
         ("_swa_fwd_kernel", dict(BLOCK_M=64, BLOCK_N=16, N_ITERS=6, **blocks), 8),
-        ("_swa_bwd_delta_kernel", dict(BLOCK_M=64, BLOCK_D=128, HAS_DLSE=True), 4),
+        ("bwd_delta_kernel", dict(BLOCK_M=64, BLOCK_D=128, HAS_DLSE=True), 4),
         ("_swa_bwd_dkdv_kernel", dict(BLOCK_M=16, BLOCK_N=64, N_ITERS=6, **blocks), 8),
         ("_swa_bwd_dq_kernel", dict(BLOCK_M=64, BLOCK_N=16, N_ITERS=6, **blocks), 8),
     ])
