@@ -49,7 +49,7 @@ def main() -> None:
     rules = load_rules(args.rules)
     print(f"# bench_trace  {datetime.date.today()}  torch {torch.__version__}  {platform.processor() or platform.machine()}"
           f"  {torch.get_num_threads()} threads  rules {args.rules}")
-    print(f"| model | weights | trace s | match s | select+splice s | total s | target |")
+    print("| model | weights | trace s | match s | select+splice s | total s | target |")
     print("|---|---|---|---|---|---|---|")
     for name, meta in (("DiT-XL/2", True), ("DiT-S/2", False)):
         one_run(name, meta, rules)  # warm-up: imports, first-call caches

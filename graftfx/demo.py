@@ -31,15 +31,12 @@ class DemoSettings:
     timings: dict = field(default_factory=dict)
 
 
-def _latency_ms(model, inputs, repeat: int = 5) -> float:
+def _latency_ms(model, inputs) -> float:
+    """Median forward time in ms (graftfx.bench's timer; do_bench on a GPU)."""
+    from graftfx.bench.harness import time_callable
+
     with torch.no_grad():
-        model(*inputs)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            model(*inputs)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+        return time_callable(lambda: model(*inputs), inputs[0].device).ms
 
 
 def run_demo(out="runs/demo", settings: DemoSettings | None = None, progress: bool = True) -> dict:
@@ -47,7 +44,6 @@ def run_demo(out="runs/demo", settings: DemoSettings | None = None, progress: bo
     from graftfx.distill import DistillSettings, Stage1Config, Stage2Config, load_data, run_distill
     from graftfx.eval import evaluate, sample_per_class, save_comparison
     from graftfx.inspect import inspect
-    from graftfx.match.cost import graph_flops
     from graftfx.pretrain.bundled import BUNDLED_DIGITS_DIT, load_bundled_digits_dit
 
     s = settings or DemoSettings()
@@ -94,11 +90,9 @@ def run_demo(out="runs/demo", settings: DemoSettings | None = None, progress: bo
     for name, model in models.items():
         rec = evaluate(model, n_per_class=s.eval_per_class, steps=s.eval_steps, cfg_scale=s.cfg_scale, sampler="ddim",
                        seed=s.seed, config=teacher.config, progress=progress)
-        traced = graftfx.trace(model, teacher.example_inputs(2)) if name == "teacher" else None
-        flops = graph_flops(traced.gm, 2) if traced else None
         rows.append({"model": name, "fid": rec.fid, "accuracy": rec.accuracy,
                      "params": sum(p.numel() for p in model.parameters()), "latency_ms": _latency_ms(model, inputs),
-                     "record": rec.to_dict(), "flops": flops})
+                     "record": rec.to_dict()})
     grid = {name: sample_per_class(m, 1, steps=s.eval_steps, cfg_scale=s.cfg_scale, sampler="ddim", seed=s.seed + 7,
                                    config=teacher.config, progress=False)[0] for name, m in models.items()}
     save_comparison(grid, out / "samples.png", title="same noise and labels (one digit per column)",

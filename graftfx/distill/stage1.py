@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 
 from graftfx.errors import GraftError
 
-from graftfx.io import atomic_path
+from graftfx.io import atomic_path, atomic_torch_save, atomic_write_json
 
-from .train_utils import (Metrics, atomic_save, lr_lambda, plot_curves, read_json, restore_rng, rng_state,
-                          short_name, write_json)
+from .train_utils import Metrics, lr_lambda, plot_curves, read_json, restore_rng, rng_state, short_name
 
 LOSSES = ("l1", "l2", "huber")
 
@@ -156,10 +155,10 @@ def _save(folder: Path, jobs, opts, scheds, sampler, step: int, cfg: Stage1Confi
     tensors = {f"{j.target}.{k}": v.detach().contiguous().cpu() for j in jobs for k, v in j.module.state_dict().items()}
     with atomic_path(folder / "params.safetensors") as tmp:
         save_file(tensors, str(tmp))
-    atomic_save(folder / "optim.pt", {"opt": {j.path: opts[j.path].state_dict() for j in jobs},
+    atomic_torch_save(folder / "optim.pt", {"opt": {j.path: opts[j.path].state_dict() for j in jobs},
                                       "sched": {j.path: scheds[j.path].state_dict() for j in jobs},
                                       "sampler": sampler.get_state(), "rng": rng_state()})
-    write_json(folder / "state.json", {"step": step, "config": asdict(cfg), "regions": [j.path for j in jobs]})
+    atomic_write_json(folder / "state.json", {"step": step, "config": asdict(cfg), "regions": [j.path for j in jobs]})
 
 
 def _load(folder: Path, jobs, opts, scheds, sampler) -> int:

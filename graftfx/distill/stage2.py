@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from graftfx.errors import GraftError
 from graftfx.models.diffusion import GaussianDiffusion
 
-from graftfx.io import atomic_path
+from graftfx.io import atomic_path, atomic_torch_save, atomic_write_json
 
-from .train_utils import Metrics, atomic_save, lr_lambda, plot_curves, read_json, restore_rng, rng_state, write_json
+from .train_utils import Metrics, lr_lambda, plot_curves, read_json, restore_rng, rng_state
 
 OBJECTIVES = ("diffusion", "distill", "both")
 
@@ -200,9 +200,9 @@ def _save(folder: Path, grafted, opt, sched, ema, sampler, step: int, cfg: Stage
     with atomic_path(folder / "ema.safetensors") as tmp:
         save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp))
     if not fsdp:  # sharded optimizer states are not checkpointed: FSDP runs do not resume
-        atomic_save(folder / "optim.pt", {"opt": opt.state_dict(), "sched": sched.state_dict(),
+        atomic_torch_save(folder / "optim.pt", {"opt": opt.state_dict(), "sched": sched.state_dict(),
                                           "sampler": sampler.get_state(), "rng": rng_state()})
-    write_json(folder / "state.json", {"step": step, "config": asdict(cfg), "resumable": not fsdp})
+    atomic_write_json(folder / "state.json", {"step": step, "config": asdict(cfg), "resumable": not fsdp})
 
 
 def _load(folder: Path, grafted, opt, sched, ema, sampler) -> int:

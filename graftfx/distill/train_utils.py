@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from graftfx.io import atomic_path, atomic_torch_save as atomic_save, atomic_write_json as write_json, atomic_write_text
+from graftfx.io import atomic_path, atomic_write_text
 
 
 class Metrics:

@@ -34,25 +34,16 @@ def load_digits_dit(path=None, num_heads: int | None = None, device="cpu"):
     it is read off the key shapes, and a checkpoint shaped like the bundled digits model gets
     ``DIGITS_CONFIG`` (its 4 heads; head counts are not visible in the weights).
     """
-    import json
-
     from graftfx.data import DIGITS_CONFIG
     from graftfx.models import DiTConfig, load_dit
-    from graftfx.models.load import infer_config, read_state_dict
+    from graftfx.models.load import infer_config, read_state_dict, stored_config
 
     path = Path(path) if path is not None else BUNDLED_DIT
     if not path.is_file():
         raise GraftError(f"digits DiT {path} not found: pass a checkpoint, or train the bundled one with "
                          "'graftfx pretrain digits'")
-    meta = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    if "config" in meta:
-        config = DiTConfig(**json.loads(meta["config"]))
-    else:
+    config = stored_config(path)
+    if config is None:
         config = infer_config(read_state_dict(path))
         digits = DiTConfig(**DIGITS_CONFIG)
         if replace(config, num_heads=digits.num_heads, class_dropout_prob=digits.class_dropout_prob) == digits:

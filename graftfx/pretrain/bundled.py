@@ -1,23 +1,19 @@
 """The committed digits DiT (``graftfx/assets/digits/dit.safetensors``), loaded strictly."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from graftfx.data import DIGITS_CONFIG
 from graftfx.errors import GraftError
 from graftfx.models import DiT, DiTConfig, load_dit
+from graftfx.models.load import stored_config
 
 BUNDLED_DIGITS_DIT = Path(__file__).resolve().parent.parent / "assets" / "digits" / "dit.safetensors"
 
 
 def bundled_digits_config(path=BUNDLED_DIGITS_DIT) -> DiTConfig:
     """The config stored in the file's metadata (``DIGITS_CONFIG`` when the file has none)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return DiTConfig(**json.loads(meta["config"])) if "config" in meta else DiTConfig(**DIGITS_CONFIG)
+    return stored_config(path) or DiTConfig(**DIGITS_CONFIG)
 
 
 def load_bundled_digits_dit(device="cpu", dtype=None, path=BUNDLED_DIGITS_DIT) -> DiT:

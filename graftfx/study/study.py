@@ -223,18 +223,15 @@ def _measure(model, teacher, s: StudySettings, traced, rules, progress) -> dict:
     rec = evaluate(model, n_per_class=s.eval_per_class, steps=s.eval_steps, cfg_scale=s.cfg_scale, sampler="ddim",
                    seed=s.seed, config=teacher.config, progress=progress)
     totals = inspect(teacher, rules, traced=traced, render=False).totals
+    from graftfx.bench.harness import time_callable
+
     x = teacher.example_inputs(s.latency_batch)
-    with torch.no_grad():
-        model(*x)
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            model(*x)
-            times.append(time.perf_counter() - t0)
+    with torch.no_grad():  # provisional: latency_pass re-times every run together at the end
+        latency = time_callable(lambda: model(*x), x[0].device).ms
     return {"fid": rec.fid, "accuracy": rec.accuracy, "eval": rec.to_dict(),
             "params": totals.get("params_after", totals["params_before"]),
             "gflops": totals.get("flops_after", totals["flops_before"]) / 1e9,
-            "latency_ms": sorted(times)[3] * 1e3}
+            "latency_ms": latency}
 
 
 def _write(out: Path, results: dict, study: Study) -> None:
