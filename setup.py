@@ -4,6 +4,8 @@ Three import names come from three folders: ``graftfx`` (the engine), ``graftfx.
 (``kernels/``: Triton kernels beside their PyTorch references) and ``graftfx.rewrites``
 (``rewrites/``: patterns, operators, rule files). There is never a top-level ``kernels``.
 """
+import re
+
 from setuptools import find_packages, setup
 
 
@@ -17,7 +19,7 @@ def _packages():
 
 setup(
     name="graftfx",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+?)"', open("graftfx/_version.py").read()).group(1),
     description="Graft new operators into pretrained diffusion transformers via FX rewrites",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

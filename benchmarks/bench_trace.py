@@ -17,7 +17,7 @@ import torch
 import graftfx
 from graftfx.match.walk import _PROBE_CACHE
 from graftfx.models import DiT_models
-from graftfx.rewrites.rules import load_rules
+from graftfx.rules import load_rules
 
 TARGET_XL_SECONDS = 3.0
 

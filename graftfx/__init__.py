@@ -13,17 +13,17 @@ from ._layout import install as _install_layout
 
 _install_layout()
 
+from ._version import __version__  # noqa: E402
 from .api import graft, plan  # noqa: E402
 from .errors import GraftError  # noqa: E402
 from .export import export_grafted, load_grafted  # noqa: E402
 from .inspect import explain, inspect  # noqa: E402
 from .match import Candidate, MatchReport, Region, match, match_all  # noqa: E402
-from .rewrites.rules import Rule, RuleSet, Select, load_rules  # noqa: E402
+from .rules import Rule, RuleSet, Select, load_rules  # noqa: E402
 from .select import Plan, select  # noqa: E402
 from .splice import GraftedModule, splice  # noqa: E402
 from .trace import TracedGraph, trace  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["graft", "plan", "inspect", "explain", "export_grafted", "load_grafted", "trace", "match", "match_all", "select", "splice", "load_rules", "Rule",
            "RuleSet", "Select", "Region", "MatchReport", "Candidate", "Plan", "GraftedModule",
            "TracedGraph", "GraftError", "__version__"]

@@ -15,7 +15,7 @@ def graft(model: nn.Module, rules, example_inputs=(), example_kwargs: dict | Non
 
     Modules outside the replaced regions are shared with ``model``, not copied.
     """
-    from graftfx.rewrites.rules import load_rules
+    from graftfx.rules import load_rules
 
     traced = trace(model, example_inputs, example_kwargs, tracer=tracer, grid=grid)
     return splice(select(traced, load_rules(rules, allow_imports=allow_imports)))

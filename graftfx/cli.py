@@ -78,8 +78,8 @@ def _explain_args(p):
          "List the rule files bundled in rewrites/rules/, the registered region patterns and the "
          "replacement operators with the region kinds they replace and their options.")
 def cmd_rules(args) -> int:
-    from graftfx.rewrites.registry import operators, patterns
-    from graftfx.rewrites.rules import builtin_rule_files, load_rules
+    from graftfx.registry import operators, patterns
+    from graftfx.rules import builtin_rule_files, load_rules
 
     print("rule files:")
     for name, path in builtin_rule_files().items():
@@ -101,7 +101,7 @@ def cmd_rules(args) -> int:
 def _rules(path):
     if path is None:
         return None
-    from graftfx.rewrites.rules import load_rules
+    from graftfx.rules import load_rules
 
     return load_rules(path)
 

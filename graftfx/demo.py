@@ -44,7 +44,7 @@ def run_demo(out="runs/demo", settings: DemoSettings | None = None, progress: bo
     from graftfx.distill import DistillSettings, Stage1Config, Stage2Config, load_data, run_distill
     from graftfx.eval import evaluate, sample_per_class, save_comparison
     from graftfx.inspect import inspect
-    from graftfx.pretrain.bundled import BUNDLED_DIGITS_DIT, load_bundled_digits_dit
+    from graftfx.models import BUNDLED_DIGITS_DIT, load_bundled_digits_dit
 
     s = settings or DemoSettings()
     out = Path(out)

@@ -1,6 +1,13 @@
-"""graftfx.rewrites: region patterns, the replacement-operator registry, and rule files."""
-from .registry import (OPERATORS, PATTERNS, get_operator, get_pattern, operators, patterns,
-                       register_operator, register_pattern)
+"""graftfx.rewrites: what plugs into the engine.
 
-__all__ = ["OPERATORS", "PATTERNS", "get_operator", "get_pattern", "operators", "patterns",
-           "register_operator", "register_pattern"]
+``patterns/`` (region matchers), ``operators/`` (replacement operators), ``rules/`` (bundled
+TOML rule files, one per experiment of the paper) and ``studies/`` (study files). Each pattern
+and operator module registers itself with :mod:`graftfx.registry` when imported; the registry
+imports them all on first lookup. The vocabulary (rules, registry, records) is the engine's:
+``graftfx.rules``, ``graftfx.registry``, ``graftfx.match``.
+"""
+from pathlib import Path
+
+FOLDER = Path(__file__).resolve().parent
+RULES_DIR = FOLDER / "rules"
+STUDIES_DIR = FOLDER / "studies"

@@ -45,7 +45,7 @@ def test_wheel_contains_and_imports_the_three_names(tmp_path):
     wheel = next(tmp_path.glob("graftfx-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "graftfx/kernels/__init__.py" in names
-    assert "graftfx/rewrites/registry.py" in names
+    assert "graftfx/registry.py" in names and "graftfx/rewrites/operators/swa.py" in names
     assert any(n.startswith("graftfx/rewrites/rules/") and n.endswith(".toml") for n in names)
     assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package in the wheel"
     site = tmp_path / "site"

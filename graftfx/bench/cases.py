@@ -162,7 +162,7 @@ class OpCase:
 
 def operator_cases(names: list[str] | None = None) -> tuple[list[OpCase], list[str]]:
     """Cases for the registered operators (all, or ``names``). Returns (cases, notes)."""
-    from graftfx.rewrites.registry import operators
+    from graftfx.registry import operators
 
     registered = operators()
     notes = []
@@ -232,7 +232,7 @@ def region_like(region: Region, device: torch.device, dtype: torch.dtype, seed: 
 
 def build(op: str, options: dict, region: Region, name: str = "bench") -> nn.Module:
     """The operator as the splicer builds it: registry + rule options + region."""
-    from graftfx.rewrites.rules import Rule
+    from graftfx.rules import Rule
     from graftfx.splice.splice import build_operator
 
     rule = Rule(pattern=region.pattern, operator=op, options=dict(options), name=name)

@@ -38,7 +38,7 @@ def model_groups(spec: str, rules) -> tuple[list[Group], list[str]]:
     """Trace ``spec`` (the CLI's MODEL), select with ``rules``; group the selected regions."""
     import graftfx
     from graftfx.models.zoo import resolve_model
-    from graftfx.rewrites.rules import load_rules
+    from graftfx.rules import load_rules
 
     ruleset = load_rules(rules)
     model, args, kwargs = resolve_model(spec, meta=True, batch=2)

@@ -31,7 +31,7 @@ def _distill(args) -> int:
         raise GraftError(f"distill trains class-conditional DiTs called as model(x, t, y); {args.model} is not one")
     latents, labels = load_data(args.data)
     if args.loss:
-        from graftfx.rewrites.rules import load_rules
+        from graftfx.rules import load_rules
 
         rules = load_rules(args.rules)
         for r in rules:

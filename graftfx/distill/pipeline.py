@@ -15,7 +15,7 @@ import torch.distributed as dist
 import graftfx
 from graftfx.errors import GraftError
 from graftfx.export.export import export_grafted, fingerprint
-from graftfx.rewrites.rules import load_rules
+from graftfx.rules import load_rules
 
 from .cache import ActivationCache, CacheSpec, OnlineTeacher, write_cache
 from .calibration import CalibrationSet

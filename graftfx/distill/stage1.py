@@ -20,7 +20,9 @@ from graftfx.errors import GraftError
 
 from graftfx.io import atomic_path, atomic_torch_save, atomic_write_json
 
-from .train_utils import Metrics, lr_lambda, plot_curves, read_json, restore_rng, rng_state, short_name
+from graftfx.match.paths import short_name
+
+from .train_utils import Metrics, lr_lambda, plot_curves, read_json, restore_rng, rng_state
 
 LOSSES = ("l1", "l2", "huber")
 

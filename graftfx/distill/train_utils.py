@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from graftfx.io import atomic_path, atomic_write_text
+from graftfx.match.paths import short_name
 
 
 class Metrics:
@@ -58,11 +59,6 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def short_name(path: str) -> str:
-    """blocks.13.attn -> b13.attn (for progress bars)."""
-    return path.replace("transformer_blocks.", "b").replace("blocks.", "b")
 
 
 def plot_curves(metrics_path: Path, png: Path, title: str, prefix: str = "loss/") -> Path | None:

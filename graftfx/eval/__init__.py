@@ -6,7 +6,8 @@ returns an ``EvalRecord`` with the numbers and the sampler settings that made th
 ``inception_fid`` / ``InceptionFID`` compute real FID through torch-fidelity or pytorch-fid from
 local weights and statistics; ``save_grid`` / ``save_comparison`` write PNGs.
 """
-from .classifier import DigitClassifier, default_classifier, load_classifier, train_classifier
+from .classifier import DigitClassifier, default_classifier, load_classifier
+from .classifier_train import train_classifier
 from .digits import class_accuracy, digits_features, digits_fid, per_class_accuracy, reference_stats
 from .evaluate import EvalRecord, evaluate, sample_per_class
 from .frechet import GaussianStats, frechet_distance, gaussian_stats

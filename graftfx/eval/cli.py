@@ -13,7 +13,7 @@ BUNDLED_DIT = ASSET_DIR / "dit.safetensors"
 
 
 def cmd_train_classifier(args) -> int:
-    from .classifier import train_classifier
+    from .classifier_train import train_classifier
 
     command = (f"graftfx eval train-classifier --out {args.out} --steps {args.steps} --batch-size {args.batch_size} "
                f"--lr {args.lr:g} --seed {args.seed}")

@@ -2,7 +2,9 @@
 base model id/hash, rules, the selected regions, operator configs, training settings, metrics).
 
 ``load_grafted(base_model, folder)`` traces the base model again, re-applies the rules pinned
-to the exact regions of the manifest, and loads the state strictly: the same model comes back.
+to the exact regions of the manifest with the operator configs it recorded (every option, the
+defaults of the day included, so a changed default never changes a reloaded model), and loads
+the state strictly: the same model comes back.
 """
 from __future__ import annotations
 
@@ -13,14 +15,16 @@ from pathlib import Path
 
 import torch
 
-import graftfx
+from graftfx._version import __version__
+from graftfx.api import graft
 from graftfx.errors import GraftError
 from graftfx.io import atomic_write_json
-from graftfx.rewrites.rules import Rule, RuleSet, Select
+from graftfx.rules import Rule, RuleSet, Select
 from graftfx.splice.splice import GraftedModule, make_inputs
 
 MANIFEST = "graft.json"
 WEIGHTS = "model.safetensors"
+FORMAT = 2          # 2: regions carry "config" (dataclasses.asdict of the operator config); 1: rule options
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -39,8 +43,8 @@ def export_grafted(grafted: GraftedModule, folder, *, base_id: str = "", base_ha
     folder.mkdir(parents=True, exist_ok=True)
     grafted.save_state(folder / WEIGHTS)
     manifest = {
-        "format": 1,
-        "graftfx": graftfx.__version__,
+        "format": FORMAT,
+        "graftfx": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base": {"id": base_id, "hash": base_hash},
         "tracer": grafted.tracer,
@@ -71,17 +75,20 @@ def load_grafted(base_model: torch.nn.Module, folder, *, check_hash: bool = True
         if have != want:
             raise GraftError(f"{folder} was grafted onto base model {want}, not this one ({have}); pass the same "
                              "base model or check_hash=False")
-    # Re-apply each rule pinned to the exact regions it replaced.
-    chosen: dict[str, list[str]] = {}
-    for region in manifest["regions"]:
-        chosen.setdefault(region["rule"], []).append(region["path"])
+    if manifest.get("format") not in (1, FORMAT):
+        raise GraftError(f"{folder}/{MANIFEST} has format {manifest.get('format')!r}; this graftfx reads formats 1 "
+                         f"and {FORMAT}: upgrade graftfx or export the model again")
+    # Re-apply each rule pinned to the exact region it replaced, with the recorded config.
+    by_name = {r["name"]: r for r in manifest["rules"]}
     rules = []
-    for r in manifest["rules"]:
-        if r["name"] in chosen:
-            rules.append(Rule(pattern=r["pattern"], operator=r["operator"], select=Select(paths=chosen[r["name"]]),
-                              options=r.get("options", {}), name=r["name"], loss=r.get("loss")))
+    for region in manifest["regions"]:
+        r = by_name[region["rule"]]
+        options = region["config"] if "config" in region else r.get("options", {})
+        rules.append(Rule(pattern=r["pattern"], operator=r["operator"], select=Select(paths=[region["path"]]),
+                          options=dict(options), name=r["name"], loss=r.get("loss"),
+                          source=f"{folder}/{MANIFEST}: region {region['path']}"))
     args, kwargs = make_inputs(manifest["inputs"])
-    grafted = graftfx.graft(base_model, RuleSet(rules, str(folder)), args, kwargs, tracer=manifest.get("tracer", "auto"))
+    grafted = graft(base_model, RuleSet(rules, str(folder)), args, kwargs, tracer=manifest.get("tracer", "auto"))
     got = sorted(g.region.path for g in grafted.grafts)
     if got != sorted(r["path"] for r in manifest["regions"]):
         raise GraftError(f"{folder}: the base model's regions {got} differ from the manifest's; is it the same model?")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from graftfx.match.paths import block_prefix
 from graftfx.match.report import Candidate
 from graftfx.select.select import contents, select
 from graftfx.trace.tracer import TracedGraph, module_path, trace
@@ -45,11 +46,11 @@ def explain(model, rules, example_inputs=(), example_kwargs=None) -> list[RuleEx
     blocks = numbered_blocks(traced)
     out = []
     for o in plan.outcomes:
-        matched_blocks = {_block(r.path) for r in o.report.regions}
+        matched_blocks = {block_prefix(r.path) for r in o.report.regions}
         missing = [b for b in blocks if b not in matched_blocks] if o.report.regions else []
         misses = o.report.near_misses
         if missing:  # the candidates that explain the gaps first
-            misses = sorted(misses, key=lambda c: _block(c.path) not in missing)
+            misses = sorted(misses, key=lambda c: block_prefix(c.path) not in missing)
         out.append(RuleExplanation(o.rule.name, o.rule.pattern, o.rule.operator, [r.path for r in o.report.regions],
                                    [r.path for r in o.chosen], len(blocks), missing, list(misses),
                                    contents(traced) if not o.report.regions else ""))
@@ -60,7 +61,7 @@ def numbered_blocks(traced: TracedGraph) -> list[str]:
     """Distinct 'container.N' prefixes of the graph's module paths, in order (blocks.0, ...)."""
     seen: dict[str, None] = {}
     for node in traced.graph.nodes:
-        b = _block(module_path(node))
+        b = block_prefix(module_path(node))
         if b:
             seen.setdefault(b, None)
     # keep the container that has the most numbered children (the transformer blocks)
@@ -68,11 +69,3 @@ def numbered_blocks(traced: TracedGraph) -> list[str]:
     for b in seen:
         by_container.setdefault(b.rsplit(".", 1)[0], []).append(b)
     return max(by_container.values(), key=len) if by_container else []
-
-
-def _block(path: str) -> str:
-    parts = path.split(".")
-    for i, seg in enumerate(parts):
-        if seg.isdigit():
-            return ".".join(parts[: i + 1])
-    return ""

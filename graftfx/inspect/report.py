@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from graftfx.io import atomic_write_text
-from graftfx.match.cost import graph_flops, module_flops
+from graftfx.match.cost import count_params, graph_flops, module_flops
+from graftfx.match.paths import block_prefix
 from graftfx.match.match import match_all
 from graftfx.select.select import Plan, select
 from graftfx.splice.splice import GraftedModule, splice
@@ -150,7 +151,7 @@ def inspect(model, rules=None, example_inputs=(), example_kwargs=None, *, name: 
             if id(r.output) not in seen:
                 seen[id(r.output)] = RegionRow(r.path, r.kind, r.width, r.heads, r.hidden, r.tokens, r.params, r.flops)
                 order.append(r)
-    totals = {"params_before": _model_params(traced.model), "flops_before": graph_flops(traced.gm, batch)}
+    totals = {"params_before": count_params(traced.model), "flops_before": graph_flops(traced.gm, batch)}
     result = InspectReport(name or type(traced.model).__name__, traced.tracer, traced.seconds, [], totals,
                            notes=list(traced.notes))
     if rules is not None:
@@ -165,37 +166,19 @@ def inspect(model, rules=None, example_inputs=(), example_kwargs=None, *, name: 
                 row = seen[id(r.output)] = RegionRow(r.path, r.kind, r.width, r.heads, r.hidden, r.tokens, r.params, r.flops)
                 order.append(r)
             row.selected, row.rule, row.operator = True, g.rule.name, g.operator
-            row.params_after = sum(p.numel() for p in op.parameters())
+            row.params_after = count_params(op)
             row.flops_after = module_flops(op, g.region.tokens or 1, g.region.width)
             flops_after += row.flops_after - row.flops
-        totals.update(params_after=_model_params(grafted), flops_after=flops_after)
+        totals.update(params_after=count_params(grafted), flops_after=flops_after)
         result.rules = [{"name": o.rule.name, "pattern": o.rule.pattern, "operator": o.rule.operator,
                          "matched": len(o.report.regions), "selected": len(o.chosen), "skipped": len(o.skipped),
                          "selected_paths": [r.path for r in o.chosen]} for o in plan.outcomes]
         result.diff = "".join(difflib.unified_diff(traced.gm.code.splitlines(True), grafted.code.splitlines(True),
                                                    "before", "after", n=1))
         if render and grafted.grafts:
-            block = _block_of(grafted.grafts[0].region.path)
+            block = block_prefix(grafted.grafts[0].region.path) or grafted.grafts[0].region.path
             result.block = block
             result.svg_before, result.renderer = render_svg(block_nodes(traced.graph, block), traced.gm, f"{block} (before)")
             result.svg_after, _ = render_svg(block_nodes(grafted.graph, block), grafted, f"{block} (after)")
     result.rows = [seen[id(r.output)] for r in order]
     return result
-
-
-def _block_of(path: str) -> str:
-    """The enclosing numbered block of a region path: blocks.3.attn -> blocks.3."""
-    parts = path.split(".")
-    for i, seg in enumerate(parts):
-        if seg.isdigit():
-            return ".".join(parts[: i + 1])
-    return path
-
-
-def _model_params(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.fx as fx
 
-from graftfx.trace.ops import linear_params, op_kind
+from graftfx.trace.ops import attr_value, linear_params, op_kind
 from graftfx.trace.tracer import node_shape
 
 
@@ -31,19 +31,10 @@ def node_flops(node: fx.Node, gm: fx.GraphModule) -> int:
         if node.op == "call_module":
             w = gm.get_submodule(node.target).weight
         else:
-            w = _get_attr(node.args[1], gm)
+            w = attr_value(node.args[1], gm)
         if w is not None:
             return 2 * math.prod(out) * math.prod(w.shape[1:])
     return 0
-
-
-def _get_attr(n, gm):
-    if isinstance(n, fx.Node) and n.op == "get_attr":
-        obj = gm
-        for part in n.target.split("."):
-            obj = getattr(obj, part)
-        return obj
-    return None
 
 
 def graph_flops(gm: fx.GraphModule, batch: int, nodes=None) -> int:
@@ -76,6 +67,9 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def count_params(tensors) -> int:
+    """Elements of ``tensors`` (or of a module's parameters), each tensor counted once."""
+    if isinstance(tensors, torch.nn.Module):
+        tensors = tensors.parameters()
     seen: set[int] = set()
     total = 0
     for t in tensors:

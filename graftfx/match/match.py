@@ -1,7 +1,7 @@
 """``match(traced, pattern)``: find regions. Nothing in the graph changes until a splice."""
 from __future__ import annotations
 
-from graftfx.rewrites.registry import get_pattern, patterns
+from graftfx.registry import get_pattern, patterns
 from graftfx.trace.tracer import TracedGraph
 
 from .report import MatchReport

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from graftfx.trace.ops import SHAPE_OPS, linear_input, op_kind, tensor_args
+from graftfx.trace.ops import SHAPE_OPS, attr_value, linear_input, op_kind, tensor_args
 from graftfx.trace.tracer import node_shape
 
 NORMS = {"layer_norm", "rms_norm", "group_norm"}
@@ -163,12 +163,9 @@ def params_of(nodes, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
             for name, p in gm.get_submodule(n.target).named_parameters():
                 found[f"{n.target}.{name}"] = p
         for a in tensor_args(n):
-            if a.op == "get_attr":
-                obj = gm
-                for part in a.target.split("."):
-                    obj = getattr(obj, part)
-                if isinstance(obj, torch.Tensor):
-                    found[a.target] = obj
+            obj = attr_value(a, gm)
+            if isinstance(obj, torch.Tensor):
+                found[a.target] = obj
     return found
 
 

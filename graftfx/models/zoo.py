@@ -15,6 +15,7 @@ import torch
 
 from graftfx.errors import GraftError
 
+from .bundled import load_bundled_digits_dit
 from .dit import DiT_models
 from .load import load_dit
 
@@ -29,8 +30,6 @@ def resolve_model(spec: str, *, meta: bool = False, batch: int = 2, seed: int = 
             model = DiT_models[spec]().eval()
         return model, model.example_inputs(batch), {}
     if spec == "digits":
-        from graftfx.pretrain.bundled import load_bundled_digits_dit
-
         model = load_bundled_digits_dit()
         return model, model.example_inputs(batch), {}
     if spec.startswith("diffusers:"):

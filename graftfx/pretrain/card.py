@@ -17,10 +17,8 @@ from graftfx.io import atomic_save_safetensors, atomic_write_bytes, atomic_write
 PER_CLASS = 10
 
 
-def export_bundle(out, ema, settings, state: dict, step: int) -> dict[str, Path]:
+def export_bundle(out, ema, settings, state: dict, step: int, num_timesteps: int) -> dict[str, Path]:
     """Write dit.safetensors, dit-samples.png and dit.md into ``out``; returns their paths."""
-    from .train import NUM_TIMESTEPS
-
     out = Path(out)
     cfg = ema.config
     weights = atomic_save_safetensors(out / "dit.safetensors", ema.state_dict(), {
@@ -30,12 +28,12 @@ def export_bundle(out, ema, settings, state: dict, step: int) -> dict[str, Path]
     labels = torch.arange(cfg.num_classes).repeat_interleave(PER_CLASS)      # rows of the grid = classes
     g = torch.Generator().manual_seed(settings.seed)
     images = sample(ema, labels, steps=settings.sample_steps, cfg_scale=settings.cfg_scale, sampler="ddpm",
-                    generator=g, progress=True, clip_denoised=True, num_timesteps=NUM_TIMESTEPS)
+                    generator=g, progress=True, clip_denoised=True, num_timesteps=num_timesteps)
     grid = out / "dit-samples.png"
     atomic_write_bytes(grid, grid_png(images, cfg.num_classes, PER_CLASS,
                                       f"DDPM {settings.sample_steps} steps, CFG {settings.cfg_scale:g}, step {step}"))
     card = out / "dit.md"
-    atomic_write_text(card, card_text(ema, settings, state, step, weights, grid))
+    atomic_write_text(card, card_text(ema, settings, state, step, weights, grid, num_timesteps))
     return {"dit.safetensors": weights, "dit-samples.png": grid, "dit.md": card}
 
 
@@ -67,9 +65,7 @@ def grid_png(images: torch.Tensor, rows: int, cols: int, title: str) -> bytes:
     return buf.getvalue()
 
 
-def card_text(ema, settings, state: dict, step: int, weights: Path, grid: Path) -> str:
-    from .train import NUM_TIMESTEPS
-
+def card_text(ema, settings, state: dict, step: int, weights: Path, grid: Path, num_timesteps: int) -> str:
     cfg = ema.config
     params = sum(p.numel() for p in ema.parameters())
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -87,7 +83,7 @@ def card_text(ema, settings, state: dict, step: int, weights: Path, grid: Path) 
 A class-conditional DiT trained from scratch by `graftfx pretrain digits` on the pixels of
 scikit-learn's 8x8 handwritten digits (no VAE: the "latents" are the images). It is graftfx's
 small real pretrained model: the teacher for grafting, distillation and evaluation runs that must
-fit a CPU. Load it with `graftfx.pretrain.load_bundled_digits_dit()`.
+fit a CPU. Load it with `graftfx.models.load_bundled_digits_dit()`.
 
 ## Weights
 
@@ -111,7 +107,7 @@ split is kept for classifiers and FID references. No augmentation.
 
 ## Training
 
-- Diffusion: {NUM_TIMESTEPS} steps, linear betas 1e-4 .. 0.02, learned sigma; loss = eps-MSE + VB
+- Diffusion: {num_timesteps} steps, linear betas 1e-4 .. 0.02, learned sigma; loss = eps-MSE + VB
   (`GaussianDiffusion.training_losses`), t uniform over all steps.
 - Label dropout {cfg.class_dropout_prob} (null class {cfg.num_classes}) for classifier-free guidance.
 - AdamW, betas (0.9, 0.999), weight decay {settings.weight_decay}, lr {settings.lr:g} with

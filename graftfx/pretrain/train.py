@@ -22,6 +22,7 @@ from graftfx.data import DIGITS_CONFIG, digits_split
 from graftfx.errors import GraftError
 from graftfx.models import DiT, DiTConfig, GaussianDiffusion
 
+from .card import export_bundle
 from .checkpoint import latest_step, load_checkpoint, save_checkpoint
 from graftfx.io import atomic_write_text
 
@@ -220,9 +221,7 @@ def train_digits(out, settings: TrainSettings | None = None, *, resume: bool = F
     snapshot(end)
     files: dict[str, Path] = {}
     if export:
-        from .card import export_bundle
-
-        files = export_bundle(out, ema, settings, state, end)
+        files = export_bundle(out, ema, settings, state, end, NUM_TIMESTEPS)
     return TrainResult(out, end, model, ema, state["final_loss"], state["eval_loss"], state["wall_s"], files)
 
 

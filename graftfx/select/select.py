@@ -8,8 +8,8 @@ from graftfx.errors import GraftError
 from graftfx.match.match import match
 from graftfx.match.region import Region
 from graftfx.match.report import MatchReport
-from graftfx.rewrites.registry import get_operator, patterns
-from graftfx.rewrites.rules import Rule, RuleSet, load_rules
+from graftfx.registry import get_operator, patterns
+from graftfx.rules import Rule, RuleSet, load_rules
 from graftfx.trace.tracer import TracedGraph
 
 
@@ -57,15 +57,18 @@ def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
     for rule in ruleset:
         report = match(traced, rule.pattern)
         outcome = RuleOutcome(rule, report)
-        spec = get_operator(rule.operator)
+        spec = get_operator(rule.operator, rule.where)
         # Index selections count the regions over token sequences in numbered blocks: a
         # timestep-embedding MLP inside a block (a (B, D) input) is never "the block's MLP".
         numbered = [r.block_index for r in report.regions if _in_block(r)]
         depth = max(numbered) + 1 if numbered else 0
-        keep = rule.select.blocks(depth) if rule.select.by_index else None
+        try:
+            keep = rule.select.blocks(depth) if rule.select.by_index else None
+        except GraftError as e:
+            raise GraftError(f"{rule.where}{e}") from None
         for region in report.regions:
             if region.kind not in spec.kinds:
-                raise GraftError(f"rule {rule.name!r}: operator {rule.operator!r} replaces "
+                raise GraftError(f"{rule.where}operator {rule.operator!r} replaces "
                                  f"{' or '.join(spec.kinds)} regions, but {region.path} is {region.kind}; "
                                  f"pick an operator for {region.kind} or another pattern")
             if keep is not None and (not _in_block(region) or region.block_index not in keep):
@@ -79,11 +82,11 @@ def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
                 taken[id(region.output)] = rule.name
         if strict and not report.regions:
             misses = "; ".join(str(c) for c in report.near_misses[:3])
-            raise GraftError(f"rule {rule.name!r}: pattern {rule.pattern!r} matched nothing in "
+            raise GraftError(f"{rule.where}pattern {rule.pattern!r} matched nothing in "
                              f"{type(traced.model).__name__}; the model contains: {contents(traced)}"
                              + (f"; nearest: {misses}" if misses else ""))
         if strict and not outcome.chosen:
-            raise GraftError(f"rule {rule.name!r}: selected none of the {len(report.regions)} "
+            raise GraftError(f"{rule.where}selected none of the {len(report.regions)} "
                              f"{rule.pattern} regions ({_paths(report.regions)}); check its select table")
         outcomes.append(outcome)
     return Plan(traced, ruleset, outcomes)

@@ -8,6 +8,7 @@ original model, not copied). The new operator is installed under the region's ow
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,10 @@ import torch.nn as nn
 
 from graftfx.errors import GraftError
 from graftfx.match.region import Region
-from graftfx.rewrites.registry import get_operator
-from graftfx.rewrites.rules import Rule
+from graftfx.registry import get_operator
+from graftfx.rules import Rule
+from graftfx.state import check_state, tied_names
+from graftfx.trace.ops import fetch_attr
 from graftfx.trace.tracer import DTYPE, PATH, SHAPE
 
 from ..select.select import Plan
@@ -32,11 +35,12 @@ class Replacement:
     target: str            # module path of the new operator in the grafted model
     node_name: str         # its call_module node
     operator: str          # registry name
+    config: dict           # dataclasses.asdict of the operator's config: every option, defaults included
 
     def as_dict(self) -> dict:
         r = self.region
         return {"rule": self.rule.name, "path": r.path, "kind": r.kind, "target": self.target,
-                "operator": self.operator, "options": dict(self.rule.options), "width": r.width,
+                "operator": self.operator, "config": dict(self.config), "width": r.width,
                 "tokens": r.tokens, "heads": r.heads, "hidden": r.hidden, "params_before": r.params,
                 "flops_before": r.flops}
 
@@ -79,37 +83,37 @@ class GraftedModule(fx.GraphModule):
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        missing = sorted(k for k in own if k not in shapes and not _tied(self, k, shapes))
-        unexpected = sorted(set(shapes) - set(own))
-        bad = sorted(k for k in set(own) & set(shapes) if own[k] != shapes[k])
-        if missing or unexpected or bad:
-            raise GraftError(f"{path}: state does not fit this grafted model; missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}, mis-shaped {bad[:4]}")
+        tied = {k for k, others in tied_names(self).items() if others & set(shapes)}
+        check_state(own, shapes, what=f"{path} (grafted model state)", optional=tied,
+                    fix="load the state saved from the same base model and rules")
         load_model(self, str(path), strict=True)
-
-
-def _tied(module: nn.Module, key: str, saved) -> bool:
-    """safetensors stores a tensor shared by several names once; the others are not missing."""
-    tensor = module.state_dict()[key]
-    return any(k in saved and v.data_ptr() == tensor.data_ptr() for k, v in module.state_dict().items() if k != key)
 
 
 def build_operator(rule: Rule, region: Region, device=None) -> nn.Module:
     """The rule's operator for ``region``, on the region's device (or ``device``: e.g. build real
-    operators from a plan traced on the meta device, for training from a cache)."""
-    spec = get_operator(rule.operator)
-    spec.make_config(dict(rule.options), f"rule {rule.name!r}: ")  # validate before building
+    operators from a plan traced on the meta device, for training from a cache).
+
+    The config is validated first (``Rule.config``); anything that fails only against this
+    region (heads not dividing its width, no token grid, ...) is a GraftError naming the rule,
+    the region and the operator's own advice."""
+    spec = get_operator(rule.operator, rule.where)
+    config = rule.config()
     device = torch.device(device) if device is not None else _device_of(region)
-    if device.type == "meta":
-        with torch.device("meta"):
-            op = spec.cls.from_region(region, **rule.options)
-    else:
-        try:
-            op = spec.cls.from_region(region, **rule.options)
-        except NotImplementedError as e:  # copying weights out of a meta tensor
-            raise GraftError(f"operator {rule.operator!r} for {region.path} needs the model's real weights "
-                             f"(options {rule.options}); trace a materialised model: {e}") from None
-        op = op.to(device=device)
+    try:
+        if device.type == "meta":
+            with torch.device("meta"):
+                op = spec.cls.from_region(region, config)
+        else:
+            op = spec.cls.from_region(region, config).to(device=device)
+    except NotImplementedError as e:  # copying weights out of a meta tensor
+        raise GraftError(f"{rule.where}operator {rule.operator!r} for {region.path} needs the model's real "
+                         f"weights (options {rule.options}); trace a materialised model: {e}") from None
+    except ValueError as e:
+        raise GraftError(f"{rule.where}operator {rule.operator!r} cannot replace {region.path or '<root>'} "
+                         f"({region.summary()}): {e}") from None
+    if not isinstance(getattr(op, "config", None), spec.config):
+        raise TypeError(f"operator {rule.operator!r}: {type(op).__name__}.from_region must keep its config as "
+                        f"self.config (a {spec.config.__name__}); see graftfx.operator")
     if region.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         op = op.to(dtype=region.dtype)
     return op
@@ -140,13 +144,13 @@ def splice(plan: Plan) -> GraftedModule:
         node = _replace(graph, env, region, target)
         _drop_unused_attrs(graph)
         installed[target] = op
-        records.append(Replacement(rule, region, target, node.name, rule.operator))
+        records.append(Replacement(rule, region, target, node.name, rule.operator, dataclasses.asdict(op.config)))
     graph.lint()
 
     root: dict[str, object] = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            root[node.target] = installed[node.target] if node.target in installed else _fetch(traced.gm, node.target)
+            root[node.target] = installed[node.target] if node.target in installed else fetch_attr(traced.gm, node.target)
     gm = GraftedModule(root, graph, class_name=type(traced.model).__name__ + "Grafted")
     gm.grafts = records
     gm.rules = plan.rules
@@ -214,10 +218,3 @@ def make_inputs(spec: dict) -> tuple[tuple, dict]:
             return torch.zeros(d["tensor"], dtype=dtype)
         return d["value"]
     return tuple(one(a) for a in spec["args"]), {k: one(v) for k, v in spec["kwargs"].items()}
-
-
-def _fetch(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -69,7 +69,7 @@ class Study:
 
 
 def load_study(path) -> Study:
-    from graftfx.rewrites.rules import Rule, Select
+    from graftfx.rules import Rule, Select
 
     import graftfx.rewrites
 
@@ -94,7 +94,8 @@ def load_study(path) -> Study:
         for f in exp.fractions or fractions:
             if f not in FRACTIONS:
                 raise GraftError(f"{path}: experiment {exp.name!r}: fraction {f!r} is not one of {', '.join(FRACTIONS)}")
-        Rule(exp.pattern, exp.operator, Select(preset="all"), exp.options, loss=exp.loss).validate(f"{path}: {exp.name}: ")
+        Rule(exp.pattern, exp.operator, Select(preset="all"), exp.options, name=exp.name, loss=exp.loss,
+             source=f"{path}: experiment {i + 1}").validate()
         exps.append(exp)
     if not exps:
         raise GraftError(f"{path}: no [[experiment]] tables")
@@ -112,7 +113,7 @@ def run_study(study: Study, out, *, only: str | None = None, progress: bool = Tr
     import graftfx
     from graftfx.distill import ActivationCache, CacheSpec, CalibrationSet, Tap, load_data, write_cache
     from graftfx.models.zoo import resolve_model
-    from graftfx.rewrites.rules import Rule, RuleSet, Select
+    from graftfx.rules import Rule, RuleSet, Select
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ def latency_pass(study: Study, results: dict, teacher, traced, rounds: int = 5) 
     number comes from the same quiet stretch of time (latency does not depend on weight values,
     so each run's graft is rebuilt untrained). Overwrites ``latency_ms``."""
     import graftfx
-    from graftfx.rewrites.rules import Rule, Select
+    from graftfx.rules import Rule, Select
 
     s = study.settings
     models = {"teacher": teacher}
@@ -195,7 +196,7 @@ def latency_pass(study: Study, results: dict, teacher, traced, rounds: int = 5) 
 def _one(exp: Experiment, fraction: str, teacher, traced, cache, latents, labels, s: StudySettings, out: Path, progress):
     import graftfx
     from graftfx.distill import RegionJob, Stage1Config, Stage2Config, apply_ema, train_stage1, train_stage2
-    from graftfx.rewrites.rules import Rule, Select
+    from graftfx.rules import Rule, Select
 
     torch.manual_seed(s.seed)
     rule = Rule(exp.pattern, exp.operator, Select(preset=fraction, paths=["blocks.*"]), dict(exp.options),

@@ -139,14 +139,26 @@ def linear_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
     return node.args[0]
 
 
+def fetch_attr(module: nn.Module, target: str):
+    """The attribute a dotted ``target`` names under ``module`` (a get_attr node's value)."""
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def attr_value(n, gm: fx.GraphModule):
+    """The tensor a get_attr node holds, or None when ``n`` is not a get_attr node."""
+    if isinstance(n, fx.Node) and n.op == "get_attr":
+        return fetch_attr(gm, n.target)
+    return None
+
+
 def _fetch(n, gm: fx.GraphModule):
     if n is None:
         return None
     if isinstance(n, fx.Node) and n.op == "get_attr":
-        obj = gm
-        for part in n.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return fetch_attr(gm, n.target)
     raise TypeError(f"node {getattr(n, 'name', n)!r} is not a parameter (get_attr) node")
 
 

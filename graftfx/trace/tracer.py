@@ -55,6 +55,11 @@ def module_path(node: fx.Node) -> str:
     return node.meta.get(PATH, "")
 
 
+def node_dtype(node: fx.Node) -> torch.dtype:
+    """The dtype recorded at the example inputs (float32 when none was recorded)."""
+    return node.meta.get(DTYPE, torch.float32)
+
+
 def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     shape = node.meta.get(SHAPE)
     return shape if isinstance(shape, tuple) and all(isinstance(s, int) for s in shape) else None

@@ -19,25 +19,21 @@ Parameter names follow the paper's release (``in_proj``, ``short_filter``, ``inn
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from graftfx.kernels.hyena import (BACKENDS, MAX_TAPS, hyena_se_gate, hyena_x_gate, hyena_y_gate,
+from graftfx.kernels.hyena import (BACKENDS, MAX_TAPS, hyena_se_gate, hyena_x_gate, hyena_y_gate, naive,
                                    short_conv)
-from graftfx.rewrites.registry import register_operator
-
-
-def _check_taps(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TAPS:
-        raise ValueError(f"{name} must be an integer from 1 to {MAX_TAPS}, got {value!r}")
+from graftfx.match.grid import token_grid
+from graftfx.operator import Backend, Operator
+from graftfx.options import check_choice, check_int
+from graftfx.registry import register_operator
 
 
 def _check_backend(backend, conv_len: int) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"conv_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_choice("conv_backend", backend, BACKENDS)
     if backend == "causal_conv1d" and not 2 <= conv_len <= 4:
         raise ValueError(f"conv_backend='causal_conv1d' takes conv_len 2 to 4, got {conv_len}; "
                          f"use conv_backend='graftfx'")
@@ -49,7 +45,7 @@ class HyenaXConfig:
     conv_backend: str = "graftfx"  # "graftfx" (fused Triton conv + gate) or "causal_conv1d"
 
     def __post_init__(self):
-        _check_taps("conv_len", self.conv_len)
+        check_int("conv_len", self.conv_len, 1, MAX_TAPS)
         _check_backend(self.conv_backend, self.conv_len)
 
 
@@ -58,7 +54,7 @@ class HyenaYConfig:
     inner_len: int = 4             # inner filter h taps
 
     def __post_init__(self):
-        _check_taps("inner_len", self.inner_len)
+        check_int("inner_len", self.inner_len, 1, MAX_TAPS)
 
 
 @dataclass
@@ -68,8 +64,8 @@ class HyenaSEConfig:
     conv_backend: str = "graftfx"  # featurizer conv: "graftfx" (Triton) or "causal_conv1d"
 
     def __post_init__(self):
-        _check_taps("conv_len", self.conv_len)
-        _check_taps("inner_len", self.inner_len)
+        check_int("conv_len", self.conv_len, 1, MAX_TAPS)
+        check_int("inner_len", self.inner_len, 1, MAX_TAPS)
         _check_backend(self.conv_backend, self.conv_len)
 
 
@@ -78,14 +74,16 @@ class Hyena2DConfig:
     kernel_size: int = 3           # odd; the featurizer sees kernel_size x kernel_size tokens
 
     def __post_init__(self):
-        if (isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int)
-                or self.kernel_size < 1 or self.kernel_size % 2 == 0):
-            raise ValueError(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
+        check_int("kernel_size", self.kernel_size, 1, odd=True)
 
 
 def _depthwise_conv1d(channels: int, taps: int) -> nn.Conv1d:
     """Holds a depthwise filter as the release stores it (weight (C, 1, K), bias (C,))."""
     return nn.Conv1d(channels, channels, taps, groups=channels, padding=taps - 1)
+
+
+def _taps(conv: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv.weight.squeeze(1), conv.bias                    # (C, K), (C,)
 
 
 @torch.no_grad()
@@ -95,28 +93,26 @@ def _identity_(conv: nn.Conv1d) -> None:
     conv.bias.zero_()
 
 
-class _Hyena(nn.Module):
-    """in_proj -> gate(u) -> out_proj. Subclasses set ``config_cls`` and define ``gate(u)``
-    ((B, L, 3d) -> (B, L, d)) and ``conv_flops(tokens)``."""
+class _Hyena(Operator):
+    """in_proj -> ``kernel(u)`` ((B, L, 3d) -> (B, L, d)) -> out_proj."""
 
-    def __init__(self, dim: int, out_dim: int | None = None):
+    def __init__(self, dim: int, config, *, out_dim: int | None = None, grid=None):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        check_int("width", dim, 1)
+        self.config, self.grid = config, tuple(grid) if grid is not None else None
         self.in_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, out_dim or dim)
 
     @classmethod
-    def from_region(cls, region, **options):
-        return cls(region.width, cls.config_cls(**options), grid=region.grid,
-                   out_dim=region.out_width or None)
+    def from_region(cls, region, config):
+        return cls(region.width, config, out_dim=region.out_width or None, grid=region.grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, L, D) -> (B, L, out_dim)
         if x.dim() != 3 or x.shape[-1] != self.in_proj.in_features:
             raise ValueError(f"{self.operator_name} expects x of shape (batch, tokens, "
                              f"{self.in_proj.in_features}), got {tuple(x.shape)}")
-        u = self.in_proj(x.to(self.in_proj.weight.dtype))
-        return self.out_proj(self.gate(u)).to(x.dtype)
+        u = self.in_proj(x.to(self.in_proj.weight.dtype))               # (B, L, 3D)
+        return self.out_proj(self.kernel(u)).to(x.dtype)
 
     def flops(self, tokens: int) -> int:
         """Matmul-class FLOPs per sample: projections and convs (2 per multiply-add); the
@@ -125,123 +121,93 @@ class _Hyena(nn.Module):
         projections = 2 * tokens * d * (3 * d) + 2 * tokens * d * self.out_proj.out_features
         return projections + self.conv_flops(tokens)
 
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+
+causal_conv1d = Backend("causal_conv1d", {"conv_backend": "causal_conv1d"})
+
 
 @register_operator("hyena_x", config=HyenaXConfig, kinds=("self_attention",), loss="l1",
                    description="Hyena-X: causal short conv featurizer over q, k, v; y = q*(k*v)")
 class HyenaX(_Hyena):
-    config_cls = HyenaXConfig
+    backends = (causal_conv1d,)
 
-    def __init__(self, dim: int, config: HyenaXConfig | None = None, grid=None, *,
-                 out_dim: int | None = None):
-        super().__init__(dim, out_dim)
-        self.config, self.grid = config or HyenaXConfig(), grid
-        self.short_filter = _depthwise_conv1d(3 * dim, self.config.conv_len)
+    def __init__(self, dim: int, config: HyenaXConfig, **kw):
+        super().__init__(dim, config, **kw)
+        self.short_filter = _depthwise_conv1d(3 * dim, config.conv_len)
 
-    def gate(self, u):
-        weight, bias = self.short_filter.weight.squeeze(1), self.short_filter.bias
+    def kernel(self, u):
         if self.config.conv_backend == "causal_conv1d":   # the package's conv, then the gate
-            q, k, v = short_conv(u, weight, bias, backend="causal_conv1d").chunk(3, dim=-1)
+            q, k, v = short_conv(u, *_taps(self.short_filter), backend="causal_conv1d").chunk(3, dim=-1)
             return q * (k * v)
-        return hyena_x_gate(u, weight, bias)
+        return hyena_x_gate(u, *_taps(self.short_filter))
+
+    def kernel_reference(self, u):
+        return naive.hyena_x(u, *_taps(self.short_filter)).to(u.dtype)
 
     def conv_flops(self, tokens):
         return 2 * tokens * self.short_filter.in_channels * self.config.conv_len
-
-    def extra_repr(self) -> str:
-        return f"conv_len={self.config.conv_len}, conv_backend={self.config.conv_backend!r}"
 
 
 @register_operator("hyena_y", config=HyenaYConfig, kinds=("self_attention",), loss="l1",
                    description="Hyena-Y: y = q*h(k*v), h a causal short conv (identity at init)")
 class HyenaY(_Hyena):
-    config_cls = HyenaYConfig
-
-    def __init__(self, dim: int, config: HyenaYConfig | None = None, grid=None, *,
-                 out_dim: int | None = None):
-        super().__init__(dim, out_dim)
-        self.config, self.grid = config or HyenaYConfig(), grid
-        self.inner_filter = _depthwise_conv1d(dim, self.config.inner_len)
+    def __init__(self, dim: int, config: HyenaYConfig, **kw):
+        super().__init__(dim, config, **kw)
+        self.inner_filter = _depthwise_conv1d(dim, config.inner_len)
         _identity_(self.inner_filter)
 
-    def gate(self, u):
-        return hyena_y_gate(u, self.inner_filter.weight.squeeze(1), self.inner_filter.bias)
+    def kernel(self, u):
+        return hyena_y_gate(u, *_taps(self.inner_filter))
+
+    def kernel_reference(self, u):
+        return naive.hyena_y(u, *_taps(self.inner_filter)).to(u.dtype)
 
     def conv_flops(self, tokens):
         return 2 * tokens * self.inner_filter.in_channels * self.config.inner_len
-
-    def extra_repr(self) -> str:
-        return f"inner_len={self.config.inner_len}"
 
 
 @register_operator("hyena_se", config=HyenaSEConfig, kinds=("self_attention",), loss="l1",
                    description="Hyena-SE: short conv featurizer, then y = q*h(k*v)")
 class HyenaSE(_Hyena):
-    config_cls = HyenaSEConfig
+    backends = (causal_conv1d,)
 
-    def __init__(self, dim: int, config: HyenaSEConfig | None = None, grid=None, *,
-                 out_dim: int | None = None):
-        super().__init__(dim, out_dim)
-        self.config, self.grid = config or HyenaSEConfig(), grid
-        self.short_filter = _depthwise_conv1d(3 * dim, self.config.conv_len)
-        self.inner_filter = _depthwise_conv1d(dim, self.config.inner_len)
+    def __init__(self, dim: int, config: HyenaSEConfig, **kw):
+        super().__init__(dim, config, **kw)
+        self.short_filter = _depthwise_conv1d(3 * dim, config.conv_len)
+        self.inner_filter = _depthwise_conv1d(dim, config.inner_len)
         _identity_(self.inner_filter)
 
-    def gate(self, u):
-        return hyena_se_gate(u, self.short_filter.weight.squeeze(1), self.short_filter.bias,
-                             self.inner_filter.weight.squeeze(1), self.inner_filter.bias,
+    def kernel(self, u):
+        return hyena_se_gate(u, *_taps(self.short_filter), *_taps(self.inner_filter),
                              backend=self.config.conv_backend)
+
+    def kernel_reference(self, u):
+        return naive.hyena_se(u, *_taps(self.short_filter), *_taps(self.inner_filter)).to(u.dtype)
 
     def conv_flops(self, tokens):
         return 2 * tokens * (self.short_filter.in_channels * self.config.conv_len
                              + self.inner_filter.in_channels * self.config.inner_len)
 
-    def extra_repr(self) -> str:
-        return (f"conv_len={self.config.conv_len}, inner_len={self.config.inner_len}, "
-                f"conv_backend={self.config.conv_backend!r}")
-
-
-def _square_grid(tokens: int) -> tuple[int, int]:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f"hyena_x2d needs the token grid: {tokens} tokens is not a square and "
-                         f"the region has no grid; match a region that records its (H, W) grid")
-    return side, side
-
 
 @register_operator("hyena_x2d", config=Hyena2DConfig, kinds=("self_attention",), loss="l1",
                    description="Hyena-X with a k x k depthwise conv featurizer on the token grid")
 class HyenaX2D(_Hyena):
-    config_cls = Hyena2DConfig
-
-    def __init__(self, dim: int, config: Hyena2DConfig | None = None, grid=None, *,
-                 out_dim: int | None = None):
-        super().__init__(dim, out_dim)
-        self.config = config or Hyena2DConfig()
-        self.grid = tuple(grid) if grid is not None else None
-        if self.grid is not None and (len(self.grid) != 2 or min(self.grid) < 1):
-            raise ValueError(f"grid must be (H, W) with H, W >= 1, got {grid!r}")
-        ks = self.config.kernel_size
+    def __init__(self, dim: int, config: Hyena2DConfig, **kw):
+        super().__init__(dim, config, **kw)
+        ks = config.kernel_size
         self.short_filter = nn.Conv2d(3 * dim, 3 * dim, ks, padding=ks // 2, groups=3 * dim)
 
     @classmethod
-    def from_region(cls, region, **options):
-        grid = region.grid
-        if grid is None and region.tokens is not None:
-            grid = _square_grid(region.tokens)
-        return cls(region.width, Hyena2DConfig(**options), grid=grid,
-                   out_dim=region.out_width or None)
+    def from_region(cls, region, config):
+        if region.tokens is not None:
+            token_grid(region.tokens, region.grid, who="hyena_x2d")   # fail at build time
+        return super().from_region(region, config)
 
-    def _grid(self, tokens: int) -> tuple[int, int]:
-        if self.grid is None:
-            return _square_grid(tokens)
-        if self.grid[0] * self.grid[1] != tokens:
-            raise ValueError(f"hyena_x2d was built for a {self.grid[0]}x{self.grid[1]} token "
-                             f"grid but got {tokens} tokens; rebuild it for this resolution")
-        return self.grid
-
-    def gate(self, u):
+    def kernel(self, u):                                        # plain PyTorch: no reference
         batch, tokens, channels = u.shape
-        height, width = self._grid(tokens)
+        height, width = token_grid(tokens, self.grid, who="hyena_x2d")
         img = u.transpose(1, 2).reshape(batch, channels, height, width)
         feats = self.short_filter(img).reshape(batch, channels, tokens).transpose(1, 2)
         q, k, v = feats.chunk(3, dim=-1)
@@ -249,6 +215,3 @@ class HyenaX2D(_Hyena):
 
     def conv_flops(self, tokens):
         return 2 * tokens * self.short_filter.in_channels * self.config.kernel_size ** 2
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.config.kernel_size}, grid={self.grid}"

@@ -29,15 +29,13 @@ import torch.nn.functional as F
 
 from graftfx.kernels._dispatch import optional_backend
 from graftfx.kernels.mamba2 import ssd_chunked, ssd_scan
-from graftfx.rewrites.registry import register_operator
+from graftfx.operator import Backend, Operator
+from graftfx.options import check_choice, check_int, check_number
+from graftfx.registry import register_operator
 
 BACKENDS = ("triton", "mamba_ssm", "reference")
 MAX_D_STATE = 256
 MAX_HEADDIM = 256
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
@@ -53,21 +51,19 @@ class Mamba2Config:
     backend: str = "triton"    # "triton", "mamba_ssm" or "reference"
 
     def __post_init__(self):
-        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-            if not _positive_int(getattr(self, name)):
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.d_state > MAX_D_STATE:
-            raise ValueError(f"d_state must be <= {MAX_D_STATE}, got {self.d_state}")
-        if self.headdim > MAX_HEADDIM:
-            raise ValueError(f"headdim must be <= {MAX_HEADDIM}, got {self.headdim}")
-        if not 16 <= self.chunk_size <= 256 or self.chunk_size & (self.chunk_size - 1):
+        check_int("d_state", self.d_state, 1, MAX_D_STATE)
+        check_int("headdim", self.headdim, 1, MAX_HEADDIM)
+        for name in ("d_conv", "expand", "ngroups"):
+            check_int(name, getattr(self, name), 1)
+        check_int("chunk_size", self.chunk_size, 16, 256)
+        if self.chunk_size & (self.chunk_size - 1):
             raise ValueError(f"chunk_size must be a power of two in 16..256, got {self.chunk_size}")
-        if not (isinstance(self.dt_min, (int, float)) and isinstance(self.dt_max, (int, float))
-                and 0 < self.dt_min <= self.dt_max):
+        check_number("dt_min", self.dt_min, positive=True)
+        check_number("dt_max", self.dt_max, positive=True)
+        if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, "
                              f"got dt_min={self.dt_min!r}, dt_max={self.dt_max!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        check_choice("backend", self.backend, BACKENDS)
 
 
 class GatedRMSNorm(nn.Module):
@@ -92,7 +88,9 @@ def _mamba_ssm_scan():
 @register_operator("mamba2", config=Mamba2Config, kinds=("self_attention",), loss="l1",
                    description="Mamba-2 SSD scan over raster-order tokens "
                                "(paper: d_state 64, d_conv 4, expand 2, headdim 16)")
-class Mamba2(nn.Module):
+class Mamba2(Operator):
+    backends = (Backend("mamba_ssm", {"backend": "mamba_ssm"}),)
+
     def __init__(self, dim: int, config: Mamba2Config, grid=None, *, out_dim: int | None = None):
         super().__init__()
         c = config
@@ -126,17 +124,20 @@ class Mamba2(nn.Module):
                           "using graftfx's Triton kernel", stacklevel=2)
 
     @classmethod
-    def from_region(cls, region, **options):
-        return cls(region.width, Mamba2Config(**options), grid=region.grid,
-                   out_dim=region.out_width or None)
+    def from_region(cls, region, config):
+        return cls(region.width, config, grid=region.grid, out_dim=region.out_width or None)
 
-    def _scan(self, x, dt, A, B, C):
+    def kernel(self, x, dt, A, B, C):
+        """The SSD scan y (batch, L, nheads, headdim) on the configured backend."""
         c = self.config
         if c.backend == "reference":
-            return ssd_chunked(x, dt, A, B, C, self.D, c.chunk_size).to(x.dtype)
+            return self.kernel_reference(x, dt, A, B, C)
         if c.backend == "mamba_ssm" and x.is_cuda and optional_backend("mamba_ssm"):
             return _mamba_ssm_scan()(x, dt, A, B, C, c.chunk_size, D=self.D)
         return ssd_scan(x, dt.to(torch.float32), A, B, C, self.D, c.chunk_size)
+
+    def kernel_reference(self, x, dt, A, B, C):
+        return ssd_chunked(x, dt, A, B, C, self.D, self.config.chunk_size).to(x.dtype)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:     # (batch, L, D) -> (batch, L, out)
         batch, L, _ = u.shape
@@ -147,7 +148,7 @@ class Mamba2(nn.Module):
         x, B, C = xbc.split([self.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
-        y = self._scan(x.reshape(batch, L, self.nheads, c.headdim), dt, A,
+        y = self.kernel(x.reshape(batch, L, self.nheads, c.headdim), dt, A,
                        B.reshape(batch, L, c.ngroups, c.d_state),
                        C.reshape(batch, L, c.ngroups, c.d_state))
         y = self.norm(y.reshape(batch, L, self.d_inner), z)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from graftfx.kernels.hyena import MAX_TAPS, mlp_hyena_x_gate
-from graftfx.rewrites.registry import register_operator
+from graftfx.kernels.hyena import MAX_TAPS, mlp_hyena_x_gate, naive
+from graftfx.operator import Operator
+from graftfx.options import check_int
+from graftfx.registry import register_operator
 
 
 @dataclass
@@ -26,24 +28,18 @@ class MLPHyenaXConfig:
     conv_len: int = 4              # feature-axis filter taps
 
     def __post_init__(self):
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio < 1:
-            raise ValueError(f"ratio must be a positive integer, got {self.ratio!r}")
-        if (isinstance(self.conv_len, bool) or not isinstance(self.conv_len, int)
-                or not 1 <= self.conv_len <= MAX_TAPS):
-            raise ValueError(f"conv_len must be an integer from 1 to {MAX_TAPS}, "
-                             f"got {self.conv_len!r}")
+        check_int("ratio", self.ratio, 1)
+        check_int("conv_len", self.conv_len, 1, MAX_TAPS)
 
 
 @register_operator("mlp_hyena_x", config=MLPHyenaXConfig, kinds=("mlp",), loss="l2",
                    description="MLP Hyena-X: per-token causal conv along features, q*(k*v), r=2")
-class MLPHyenaX(nn.Module):
-    def __init__(self, dim: int, tokens: int, config: MLPHyenaXConfig | None = None, *,
-                 out_dim: int | None = None):
+class MLPHyenaX(Operator):
+    def __init__(self, dim: int, tokens: int, config: MLPHyenaXConfig, *, out_dim: int | None = None):
         super().__init__()
-        self.config = config or MLPHyenaXConfig()
-        for name, value in (("dim", dim), ("tokens", tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.config = config
+        check_int("width", dim, 1)
+        check_int("tokens", tokens, 1)
         self.tokens = tokens
         self.hidden = self.config.ratio * dim
         taps = self.config.conv_len
@@ -55,22 +51,26 @@ class MLPHyenaX(nn.Module):
         self.out_proj = nn.Linear(self.hidden, out_dim or dim)
 
     @classmethod
-    def from_region(cls, region, **options):
+    def from_region(cls, region, config):
         if not region.tokens:
             raise ValueError(f"mlp_hyena_x has one filter per token and needs the token count of "
                              f"{region.path}, which the match did not record; trace the model "
                              f"with example inputs of the real resolution")
-        return cls(region.width, region.tokens, MLPHyenaXConfig(**options),
-                   out_dim=region.out_width or None)
+        return cls(region.width, region.tokens, config, out_dim=region.out_width or None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, L, D) -> (B, L, out_dim)
         if x.dim() != 3 or x.shape[1] != self.tokens or x.shape[2] != self.in_proj.in_features:
             raise ValueError(f"mlp_hyena_x was built for (batch, {self.tokens}, "
                              f"{self.in_proj.in_features}) inputs, got {tuple(x.shape)}; its "
                              f"filters are per token, so rebuild it for this resolution")
-        u = self.in_proj(x.to(self.in_proj.weight.dtype))
-        y = mlp_hyena_x_gate(u, self.short_filter.weight.squeeze(1), self.short_filter.bias)
-        return self.out_proj(y).to(x.dtype)
+        u = self.in_proj(x.to(self.in_proj.weight.dtype))              # (B, L, 3 r D)
+        return self.out_proj(self.kernel(u)).to(x.dtype)                # (B, L, out)
+
+    def kernel(self, u):
+        return mlp_hyena_x_gate(u, self.short_filter.weight.squeeze(1), self.short_filter.bias)
+
+    def kernel_reference(self, u):
+        return naive.mlp_hyena_x(u, self.short_filter.weight.squeeze(1), self.short_filter.bias).to(u.dtype)
 
     def flops(self, tokens: int) -> int:
         """Matmul-class FLOPs per sample: projections and the feature-axis conv (2 per

@@ -16,13 +16,15 @@ import torch
 import torch.fx as fx
 
 from graftfx.match.cost import count_params, graph_flops
+from graftfx.match.grid import region_grid
+from graftfx.match.paths import block_index, common_path
 from graftfx.match.region import CROSS_ATTENTION, JOINT_ATTENTION, SELF_ATTENTION, Region
 from graftfx.match.report import Candidate, MatchReport, analysis_cache
 from graftfx.match.walk import (first_tensor_arg, scalar_operand, channel_ids, params_of, probe,
                                 region_nodes, walk_back, walk_forward)
-from graftfx.trace.ops import SHAPE_OPS, linear_input, linear_params, op_kind
-from graftfx.trace.tracer import TracedGraph, module_path, node_shape
-from graftfx.rewrites.registry import register_pattern
+from graftfx.trace.ops import SHAPE_OPS, attr_value, linear_input, linear_params, op_kind
+from graftfx.trace.tracer import TracedGraph, module_path, node_dtype, node_shape
+from graftfx.registry import register_pattern
 
 
 def _cores(traced: TracedGraph):
@@ -188,7 +190,7 @@ def _build(traced, kind, core, chains, out, crossed, proj_out, inputs, context, 
         weights["out.bias"] = b_o.detach()
     total_scale = chains["q"].scale * chains["k"].scale * (scale if scale is not None else 1.0 / math.sqrt(head_dim))
     nodes = region_nodes(inputs, proj_out)
-    path = _common_path([module_path(n) for n in (q_lin, k_lin, v_lin, proj_out, core)])
+    path = common_path([module_path(n) for n in (q_lin, k_lin, v_lin, proj_out, core)])
     details = {
         "scale": total_scale, "qkv_fused": q_lin is k_lin is v_lin, "core": core.name,
         "explicit_softmax": op_kind(core, gm) not in ("sdpa", "sdpa_tuple"),
@@ -201,9 +203,9 @@ def _build(traced, kind, core, chains, out, crossed, proj_out, inputs, context, 
     return Region(
         path=path, kind=kind, pattern=kind, input=x, output=proj_out, nodes=nodes, context=context,
         width=x_shape[-1], out_width=node_shape(proj_out)[-1], tokens=tokens,
-        grid=_grid(traced.grid, tokens), heads=heads, head_dim=head_dim, block_index=block_index(path),
+        grid=region_grid(traced.grid, tokens), heads=heads, head_dim=head_dim, block_index=block_index(path),
         weights=weights, params=count_params(params_of(nodes, gm).values()),
-        flops=graph_flops(gm, traced.batch_size, nodes), dtype=_dtype(x), details=details,
+        flops=graph_flops(gm, traced.batch_size, nodes), dtype=node_dtype(x), details=details,
     )
 
 
@@ -235,45 +237,18 @@ def _norm_params(norm: fx.Node, gm) -> dict[str, torch.Tensor]:
         return dict(gm.get_submodule(norm.target).named_parameters())
     out = {}
     for key, idx in (("weight", 2), ("bias", 3)):
-        a = norm.args[idx] if len(norm.args) > idx else None
-        if isinstance(a, fx.Node) and a.op == "get_attr":
-            obj = gm
-            for part in a.target.split("."):
-                obj = getattr(obj, part)
-            out[key] = obj
+        value = attr_value(norm.args[idx] if len(norm.args) > idx else None, gm)
+        if value is not None:
+            out[key] = value
     return out
 
 
-def _common_path(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths if p]
-    if not parts:
-        return ""
-    common = []
-    for segs in zip(*parts):
-        if len(set(segs)) != 1:
-            break
-        common.append(segs[0])
-    return ".".join(common)
 
 
-def block_index(path: str) -> int | None:
-    """The first integer component of a module path: blocks.3.attn -> 3."""
-    for seg in path.split("."):
-        if seg.isdigit():
-            return int(seg)
-    return None
 
 
-def _grid(grid, tokens):
-    if grid and tokens and grid[0] * grid[1] == tokens:
-        return tuple(grid)
-    if tokens and math.isqrt(tokens) ** 2 == tokens:
-        return (math.isqrt(tokens), math.isqrt(tokens))
-    return None
 
 
-def _dtype(node) -> torch.dtype:
-    return node.meta.get("graftfx_dtype", torch.float32)
 
 
 def _report(kind: str):

@@ -11,13 +11,14 @@ import torch
 import torch.fx as fx
 
 from graftfx.match.cost import count_params, graph_flops
+from graftfx.match.grid import region_grid
+from graftfx.match.paths import block_index, common_path
 from graftfx.match.region import MLP, Region
 from graftfx.match.report import Candidate, MatchReport, analysis_cache
 from graftfx.match.walk import channel_ids, params_of, probe, region_nodes, walk_back, walk_forward
 from graftfx.trace.ops import SHAPE_OPS, linear_input, linear_params, op_kind
-from graftfx.trace.tracer import TracedGraph, module_path, node_shape
-from graftfx.rewrites.patterns.attention import _common_path, _dtype, _grid, block_index
-from graftfx.rewrites.registry import register_pattern
+from graftfx.trace.tracer import TracedGraph, module_path, node_dtype, node_shape
+from graftfx.registry import register_pattern
 
 ACTIVATIONS = {"gelu", "gelu_tanh", "silu", "relu", "mish"}
 
@@ -120,13 +121,13 @@ def _build(traced, act, act_kind, up, gate_chain, x, fc2) -> Region:
     nodes = region_nodes([x], fc2)
     x_shape = node_shape(x)
     tokens = x_shape[1] if x_shape and len(x_shape) == 3 else None
-    path = _common_path([module_path(n) for n in (fc1, act, fc2)])
+    path = common_path([module_path(n) for n in (fc1, act, fc2)])
     return Region(
         path=path, kind=MLP, pattern=MLP, input=x, output=fc2, nodes=nodes, width=x_shape[-1],
-        out_width=node_shape(fc2)[-1], tokens=tokens, grid=_grid(traced.grid, tokens),
+        out_width=node_shape(fc2)[-1], tokens=tokens, grid=region_grid(traced.grid, tokens),
         hidden=weights["fc1.weight"].shape[0], activation=act_kind, block_index=block_index(path),
         weights=weights, params=count_params(params_of(nodes, gm).values()),
-        flops=graph_flops(gm, traced.batch_size, nodes), dtype=_dtype(x),
+        flops=graph_flops(gm, traced.batch_size, nodes), dtype=node_dtype(x),
         details={"gated": gated, "fused_gate": gated and gate_chain.source is fc1, "anchor": act.name},
     )
 

@@ -18,12 +18,13 @@ from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
 from graftfx.errors import GraftError
 from graftfx.match.cost import count_params, graph_flops
+from graftfx.match.grid import region_grid
+from graftfx.match.paths import block_index, common_path
 from graftfx.match.region import Region
 from graftfx.match.report import MatchReport
 from graftfx.match.walk import params_of, region_nodes
-from graftfx.rewrites.patterns.attention import _common_path, _dtype, _grid, block_index
-from graftfx.rewrites.registry import PATTERNS, register_pattern
-from graftfx.trace.tracer import TracedGraph, module_path, node_shape
+from graftfx.registry import PATTERNS, register_pattern
+from graftfx.trace.tracer import TracedGraph, module_path, node_dtype, node_shape
 
 BUILTIN = {"self_attention", "cross_attention", "mlp"}
 
@@ -58,14 +59,14 @@ def _matcher(name: str, kind: str, pattern_graph: fx.Graph):
             nodes = region_nodes([x], out)
             shape = node_shape(x) or ()
             tokens = shape[1] if len(shape) == 3 else None
-            path = _common_path([module_path(n) for n in m.nodes_map.values() if n.op != "placeholder" and module_path(n)])
+            path = common_path([module_path(n) for n in m.nodes_map.values() if n.op != "placeholder" and module_path(n)])
             report.regions.append(Region(
                 path=path, kind=kind, pattern=name, input=x, output=out, nodes=nodes,
                 width=shape[-1] if shape else 0, out_width=(node_shape(out) or (0,))[-1], tokens=tokens,
-                grid=_grid(traced.grid, tokens), block_index=block_index(path),
+                grid=region_grid(traced.grid, tokens), block_index=block_index(path),
                 weights={k: v.detach() for k, v in params_of(nodes, traced.gm).items()},
                 params=count_params(params_of(nodes, traced.gm).values()),
-                flops=graph_flops(traced.gm, traced.batch_size, nodes), dtype=_dtype(x),
+                flops=graph_flops(traced.gm, traced.batch_size, nodes), dtype=node_dtype(x),
                 details={"anchor": m.anchors[0].name if m.anchors else ""},
             ))
         return report

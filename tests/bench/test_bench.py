@@ -15,7 +15,7 @@ from graftfx.bench.report import GPU_NOTE
 from graftfx.bench.runner import TimerSettings, bytes_moved, time_module
 from graftfx.cli import main
 from graftfx.errors import GraftError
-from graftfx.rewrites.registry import operators
+from graftfx.registry import operators
 
 CPU = torch.device("cpu")
 FAST = ["--rep-ms", "2", "--warmup-ms", "0"]

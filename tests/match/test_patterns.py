@@ -66,7 +66,7 @@ def test_joint_attention_is_its_own_kind_and_refused_for_self_rules():
 def test_self_attention_operator_refused_on_cross_region():
     from dataclasses import dataclass
 
-    from graftfx.rewrites.registry import OPERATORS, register_operator
+    from graftfx.registry import OPERATORS, register_operator
 
     @dataclass
     class NoOptions:

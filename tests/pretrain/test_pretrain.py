@@ -10,9 +10,9 @@ from safetensors import safe_open
 
 from graftfx.data import DIGITS_CONFIG, digits_split
 from graftfx.errors import GraftError
-from graftfx.models import DiT, DiTConfig, GaussianDiffusion, load_dit
-from graftfx.pretrain import (BUNDLED_DIGITS_DIT, TrainSettings, bundled_digits_config, load_bundled_digits_dit,
-                              train_digits)
+from graftfx.models import (BUNDLED_DIGITS_DIT, DiT, DiTConfig, GaussianDiffusion, bundled_digits_config,
+                            load_bundled_digits_dit, load_dit)
+from graftfx.pretrain import TrainSettings, train_digits
 from graftfx.pretrain.checkpoint import latest_step, load_checkpoint
 from graftfx.io import atomic_save_safetensors
 from graftfx.pretrain.train import batch_indices, eval_loss, resolve_settings

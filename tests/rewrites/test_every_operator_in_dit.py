@@ -4,7 +4,7 @@ import torch
 
 import graftfx
 from graftfx.models import DiT_models
-from graftfx.rewrites.registry import operators
+from graftfx.registry import operators
 
 ATTENTION = sorted(n for n, s in operators().items() if "self_attention" in s.kinds)
 MLP = sorted(n for n, s in operators().items() if s.kinds == ("mlp",))

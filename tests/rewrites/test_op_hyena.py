@@ -12,7 +12,7 @@ from graftfx.errors import GraftError
 from graftfx.kernels import _dispatch
 from graftfx.kernels.hyena import MAX_TAPS
 from graftfx.match.region import Region
-from graftfx.rewrites import get_operator
+from graftfx.registry import get_operator
 
 NAMES = ("hyena_x", "hyena_y", "hyena_se", "hyena_x2d")
 WIDTH, TOKENS, GRID = 24, 16, (4, 4)

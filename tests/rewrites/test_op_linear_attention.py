@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from graftfx.errors import GraftError
 from graftfx.kernels._dispatch import kernels
 from graftfx.match.region import Region
-from graftfx.rewrites.registry import get_operator
+from graftfx.registry import get_operator
 
 WIDTH, HEADS, TOKENS = 64, 4, 64
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from graftfx.kernels._dispatch import kernels, optional_backend
 from graftfx.kernels.testing import assert_rel_close
 from graftfx.match.region import Region
-from graftfx.rewrites.registry import get_operator
+from graftfx.registry import get_operator
 
 
 def region(width=32, tokens=20, out_width=None, grid=None, heads=4):

@@ -8,7 +8,7 @@ from graftfx.kernels._dispatch import kernels
 from graftfx.match.region import Region
 from graftfx.models.dit import Attention
 from graftfx.rewrites.operators.nat2d import NeighborhoodAttention2D
-from graftfx.rewrites.registry import get_operator
+from graftfx.registry import get_operator
 
 
 def _region(width=64, tokens=16, heads=4, grid=None, weights=None, out_width=None):

@@ -11,7 +11,7 @@ from graftfx.kernels.swa import flash_attn_available
 from graftfx.match.region import Region
 from graftfx.models.dit import Attention
 from graftfx.rewrites.operators.swa import SlidingWindowAttention, window_pairs
-from graftfx.rewrites.registry import get_operator
+from graftfx.registry import get_operator
 
 
 def _region(width=64, tokens=16, heads=4, grid=None, weights=None, out_width=None):

@@ -2,7 +2,7 @@ import pytest
 
 import graftfx
 from graftfx import GraftError, Rule, Select, load_rules
-from graftfx.rewrites.rules import builtin_rule_files, fraction_blocks, preset_blocks
+from graftfx.rules import builtin_rule_files, fraction_blocks, preset_blocks
 
 
 def test_paper_layer_sets_for_dit_xl2():

@@ -1,8 +1,11 @@
 """Registries: operator name -> operator spec, pattern name -> matcher.
 
 The engine never imports a concrete operator: it asks this registry by the name a rule gives.
-Operators register themselves with ``@register_operator``; every module in
-``graftfx.rewrites.operators`` is imported on first lookup.
+Operators register themselves with ``@register_operator`` and patterns with
+``register_pattern``; every module in ``graftfx.rewrites.operators`` and
+``graftfx.rewrites.patterns`` is imported on the first lookup, and the registry counts as
+loaded only once all of them imported (a broken operator module is an error on every lookup,
+never a silently smaller registry).
 """
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ from typing import Any, Callable
 
 from graftfx.errors import GraftError
 
+LOSSES = ("l1", "l2", "huber")
+PLUGIN_PACKAGES = ("graftfx.rewrites.operators", "graftfx.rewrites.patterns")
+
 
 @dataclass(frozen=True)
 class OperatorSpec:
     name: str
-    cls: type                        # nn.Module with classmethod from_region(region, **options)
+    cls: type                        # an graftfx.operator.Operator subclass
     config: type                     # dataclass of options, validated in __post_init__
     kinds: tuple[str, ...]           # region kinds it may replace
     loss: str                        # default stage-1 loss: "l1" | "l2" | "huber"
@@ -29,6 +35,9 @@ class OperatorSpec:
         return [f.name for f in dataclasses.fields(self.config)]
 
     def make_config(self, options: dict[str, Any], where: str = "") -> Any:
+        """The validated config object for ``options``; a GraftError names what is wrong."""
+        if not isinstance(options, dict):
+            raise GraftError(f"{where}options of operator {self.name!r} must be a table, got {options!r}")
         unknown = sorted(set(options) - set(self.option_names()))
         if unknown:
             raise GraftError(
@@ -55,19 +64,30 @@ _loaded = False
 
 def register_operator(name: str, *, config: type, kinds: tuple[str, ...], loss: str = "l1",
                       description: str = ""):
-    """Class decorator: ``@register_operator("hyena_x", config=HyenaConfig, kinds=("self_attention",))``."""
+    """Class decorator::
+
+        @register_operator("hyena_x", config=HyenaXConfig, kinds=("self_attention",))
+        class HyenaX(Operator): ...
+
+    The class must follow the operator protocol (``graftfx.operator``): a classmethod
+    ``from_region(region, config)`` and ``flops(tokens)``.
+    """
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"operator {name!r}: config must be a dataclass, got {config!r}")
+    if loss not in LOSSES:
+        raise TypeError(f"operator {name!r}: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
     def wrap(cls):
         if name in OPERATORS and OPERATORS[name].cls is not cls:
             raise ValueError(f"operator {name!r} is registered twice ({OPERATORS[name].cls} and {cls})")
-        if not hasattr(cls, "from_region"):
-            raise TypeError(f"operator {name!r}: {cls.__name__} needs a classmethod from_region")
+        for method in ("from_region", "flops"):
+            if not callable(getattr(cls, method, None)):
+                raise TypeError(f"operator {name!r}: {cls.__name__} needs a method {method}() "
+                                "(see graftfx.operator)")
         summary = description or ((cls.__doc__ or "").strip().splitlines() or [name])[0]
         OPERATORS[name] = OperatorSpec(name, cls, config, tuple(kinds), loss, summary)
-        if "operator_name" not in cls.__dict__:
-            cls.operator_name = name
+        cls.operator_name = name
+        cls.config_class = config
         return cls
 
     return wrap
@@ -79,40 +99,41 @@ def register_pattern(name: str, matcher: Callable, description: str = "") -> Pat
     return spec
 
 
-def _load_builtins() -> None:
+def load_plugins() -> None:
+    """Import every operator and pattern module once (an import error propagates, every time)."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    for pkg_name in ("graftfx.rewrites.operators", "graftfx.rewrites.patterns"):
+    for pkg_name in PLUGIN_PACKAGES:
         pkg = importlib.import_module(pkg_name)
         for info in pkgutil.iter_modules(pkg.__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{pkg_name}.{info.name}")
+    _loaded = True
 
 
-def _lookup(table: dict, what: str, name: str):
-    _load_builtins()
-    if name not in table:
-        near = difflib.get_close_matches(name, table, n=1)
+def _lookup(table: dict, what: str, name: str, where: str = ""):
+    load_plugins()
+    if not isinstance(name, str) or name not in table:
+        near = difflib.get_close_matches(name, table, n=1) if isinstance(name, str) else []
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise GraftError(f"unknown {what} {name!r}{hint}; valid choices: {', '.join(sorted(table))}")
+        raise GraftError(f"{where}unknown {what} {name!r}{hint}; valid choices: {', '.join(sorted(table))}")
     return table[name]
 
 
-def get_operator(name: str) -> OperatorSpec:
-    return _lookup(OPERATORS, "operator", name)
+def get_operator(name: str, where: str = "") -> OperatorSpec:
+    return _lookup(OPERATORS, "operator", name, where)
 
 
-def get_pattern(name: str) -> PatternSpec:
-    return _lookup(PATTERNS, "pattern", name)
+def get_pattern(name: str, where: str = "") -> PatternSpec:
+    return _lookup(PATTERNS, "pattern", name, where)
 
 
 def operators() -> dict[str, OperatorSpec]:
-    _load_builtins()
+    load_plugins()
     return dict(OPERATORS)
 
 
 def patterns() -> dict[str, PatternSpec]:
-    _load_builtins()
+    load_plugins()
     return dict(PATTERNS)

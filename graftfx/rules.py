@@ -1,4 +1,5 @@
-"""Rules: which pattern, which replacement operator, which layers, which options.
+"""Rules: which pattern, which replacement operator, which layers, which options (the engine's
+vocabulary; the bundled rule files live in ``graftfx.rewrites``).
 
 A rule file is TOML and never runs code:
 
@@ -35,7 +36,7 @@ from typing import Any
 
 from graftfx.errors import GraftError
 
-from .registry import get_operator, get_pattern, register_operator
+from .registry import LOSSES, OPERATORS, get_operator, get_pattern, register_operator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +44,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PRESETS = ("paper-50", "paper-75", "all")
-LOSSES = ("l1", "l2", "huber")
 _FILE_KEYS = {"version": "rule-file format version (1)", "description": "free text",
               "model": "the model the file was written for (free text)", "rule": "the [[rule]] tables"}
 _RULE_KEYS = ("name", "pattern", "operator", "select", "options", "loss")
@@ -128,6 +128,7 @@ class Rule:
     options: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     loss: str | None = None
+    source: str = ""               # where the rule was written: "rules.toml: rule 2", for errors
 
     def __post_init__(self):
         if isinstance(self.select, dict):
@@ -137,20 +138,28 @@ class Rule:
         if self.loss is not None and self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
 
-    def validate(self, where: str = "", allow_imports: bool = False) -> None:
+    @property
+    def where(self) -> str:
+        """The prefix of every error about this rule: its file and place, else its name."""
+        return f"{self.source} ({self.name}): " if self.source else f"rule {self.name!r}: "
+
+    def validate(self, allow_imports: bool = False) -> None:
         """Check the pattern, operator and options exist; raise GraftError naming what is wrong."""
-        get_pattern(self.pattern)
-        if ":" in self.operator or "." in self.operator:
+        get_pattern(self.pattern, self.where)
+        if isinstance(self.operator, str) and (":" in self.operator or "." in self.operator):
             if not allow_imports:
-                raise GraftError(f"{where}operator {self.operator!r} is an import path; rule files never "
+                raise GraftError(f"{self.where}operator {self.operator!r} is an import path; rule files never "
                                  "import code. Register the operator in Python, or opt in with allow_imports=True")
-            _import_operator(self.operator)
-        spec = get_operator(self.operator)
-        spec.make_config(dict(self.options), where)
+            _import_operator(self.operator, self.where)
+        get_operator(self.operator, self.where).make_config(dict(self.options), self.where)
+
+    def config(self):
+        """The operator's validated config object for this rule's options."""
+        return get_operator(self.operator, self.where).make_config(dict(self.options), self.where)
 
     @property
     def effective_loss(self) -> str:
-        return self.loss or get_operator(self.operator).loss
+        return self.loss or get_operator(self.operator, self.where).loss
 
     def to_dict(self) -> dict:
         sel = {k: v for k, v in dataclasses.asdict(self.select).items()
@@ -191,7 +200,7 @@ def load_rules(source, *, allow_imports: bool = False) -> RuleSet:
         for i, r in enumerate(rules):
             if not isinstance(r, Rule):
                 raise GraftError(f"rule {i} is a {type(r).__name__}, not a graftfx Rule")
-            r.validate(f"rule {r.name!r}: ", allow_imports)
+            r.validate(allow_imports)
         return RuleSet(rules)
     path = Path(source)
     if not path.is_file():
@@ -204,6 +213,8 @@ def load_rules(source, *, allow_imports: bool = False) -> RuleSet:
                              f"; bundled rule files: {', '.join(sorted(near)) or 'none'}"))
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise GraftError(f"{path}: not a text file (not UTF-8); a rule file is TOML text") from None
     except tomllib.TOMLDecodeError as e:
         raise GraftError(f"{path}: not valid TOML: {e}") from None
     return parse_rules(data, str(path), allow_imports=allow_imports)
@@ -218,7 +229,10 @@ def parse_rules(data: dict, where: str = "<toml>", *, allow_imports: bool = Fals
         raise GraftError(f"{where}: no [[rule]] tables; a rule file needs at least one")
     rules = []
     for i, table in enumerate(tables):
-        label = f"{where}: rule {i + 1}" + (f" ({table.get('name')})" if isinstance(table, dict) and table.get("name") else "")
+        source = f"{where}: rule {i + 1}"
+        label = source + (f" ({table.get('name')})" if isinstance(table, dict) and table.get("name") else "")
+        if not isinstance(table, dict):
+            raise GraftError(f"{label}: a [[rule]] must be a table with pattern and operator keys")
         _check_keys(table, _RULE_KEYS, f"{label}: unknown key")
         for key in ("pattern", "operator"):
             if key not in table:
@@ -232,10 +246,10 @@ def parse_rules(data: dict, where: str = "<toml>", *, allow_imports: bool = Fals
             raise GraftError(f"{label}: options must be a table")
         try:
             rule = Rule(pattern=table["pattern"], operator=table["operator"], select=Select(**select),
-                        options=options, name=table.get("name", ""), loss=table.get("loss"))
-        except ValueError as e:
+                        options=options, name=table.get("name", ""), loss=table.get("loss"), source=source)
+        except (TypeError, ValueError) as e:
             raise GraftError(f"{label}: {e}") from None
-        rule.validate(f"{label}: ", allow_imports)
+        rule.validate(allow_imports)
         rules.append(rule)
     return RuleSet(rules, where, str(data.get("description", "")))
 
@@ -246,25 +260,24 @@ def _check_keys(table: dict, valid, what: str) -> None:
             raise GraftError(f"{what} {key!r}; valid keys: {', '.join(valid)}")
 
 
-def _import_operator(dotted: str) -> None:
+def _import_operator(dotted: str, where: str = "") -> None:
     """Opt-in only: import ``module:Class`` (or module.Class) and register it under that name."""
-    from .registry import OPERATORS
-
     if dotted in OPERATORS:
         return
     module, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise GraftError(f"operator {dotted!r} could not be imported: {e}") from None
-    config = getattr(cls, "Config", None)
+        raise GraftError(f"{where}operator {dotted!r} could not be imported: {e}") from None
+    config = getattr(cls, "config_class", None) or getattr(cls, "Config", None)
     if config is None:
-        @dataclass
-        class config:  # noqa: N801 - an operator without options
-            pass
+        raise GraftError(f"{where}operator {dotted!r} has no config dataclass (config_class); register it with "
+                         "@graftfx.registry.register_operator instead")
     register_operator(dotted, config=config, kinds=getattr(cls, "kinds", ("self_attention", "mlp")))(cls)
 
 
 def builtin_rule_files() -> dict[str, Path]:
-    folder = Path(__file__).resolve().parent / "rules"
-    return {p.name: p for p in sorted(folder.glob("*.toml"))}
+    """The rule files bundled in ``graftfx.rewrites`` (``rewrites/rules/``), by file name."""
+    from graftfx.rewrites import RULES_DIR
+
+    return {p.name: p for p in sorted(RULES_DIR.glob("*.toml"))}

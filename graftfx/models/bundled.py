@@ -5,8 +5,9 @@ from pathlib import Path
 
 from graftfx.data import DIGITS_CONFIG
 from graftfx.errors import GraftError
-from graftfx.models import DiT, DiTConfig, load_dit
-from graftfx.models.load import stored_config
+
+from .dit import DiT, DiTConfig
+from .load import load_dit, stored_config
 
 BUNDLED_DIGITS_DIT = Path(__file__).resolve().parent.parent / "assets" / "digits" / "dit.safetensors"
 
