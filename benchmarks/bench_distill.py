@@ -32,12 +32,13 @@ ROOT = Path(__file__).resolve().parent
 
 def synthetic_cache(folder: Path, regions: dict[str, list[int]], samples: int, shard_size: int, dtype=torch.float16):
     """A valid cache (index + checksummed shards) of random activations of the given shapes."""
-    from graftfx.distill.cache import INDEX, _write_json, write_shard
+    from graftfx.distill.cache import FORMAT, INDEX, _write_json, write_shard
 
     folder.mkdir(parents=True, exist_ok=True)
-    index = {"format": 1, "samples": samples, "shard_size": shard_size, "dtype": str(dtype).replace("torch.", ""),
-             "seed": 0, "rule_hash": "bench", "model_hash": "bench", "complete": True,
-             "regions": {p: {"dir": f"r{i:03d}", "fields": {"input": s, "output": s}} for i, (p, s) in enumerate(regions.items())},
+    index = {"format": FORMAT, "samples": samples, "shard_size": shard_size, "dtype": str(dtype).replace("torch.", ""),
+             "seed": 0, "model_hash": "bench", "data_hash": "bench", "complete": True,
+             "regions": {p: {"dir": f"r{i:03d}", "tap": {"input": f"{p}_in", "output": f"{p}_out", "context": None},
+                             "fields": {"input": s, "output": s}} for i, (p, s) in enumerate(regions.items())},
              "shards": {p: [] for p in regions}}
     written, seconds = 0, 0.0
     for p, shape in regions.items():

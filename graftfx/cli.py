@@ -15,6 +15,13 @@ RULES_HELP = "a TOML rule file (path, or the name of a bundled one in rewrites/r
 COMMANDS: dict[str, tuple] = {}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error policy: a usage mistake is one line and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def command(name: str, help: str, description: str):
     def wrap(fn):
         COMMANDS[name] = (fn, help, description)
@@ -42,8 +49,8 @@ def _model_args(p: argparse.ArgumentParser, rules_required: bool = False) -> Non
 def cmd_inspect(args) -> int:
     from graftfx.inspect import inspect
 
+    rules = _rules(args.rules)              # cheap checks (the rule file) before the trace
     model, ex_args, ex_kwargs = _load(args)
-    rules = _rules(args.rules)
     report = inspect(model, rules, ex_args, ex_kwargs, name=args.model, render=args.out is not None)
     print(report.text())
     if args.out:
@@ -64,9 +71,15 @@ def _inspect_args(p):
 def cmd_explain(args) -> int:
     from graftfx.inspect import explain
 
+    rules = _rules(args.rules)              # cheap checks (the rule file) before the trace
     model, ex_args, ex_kwargs = _load(args)
-    for e in explain(model, _rules(args.rules), ex_args, ex_kwargs):
+    found = explain(model, rules, ex_args, ex_kwargs)
+    for e in found:
         print(e)
+    errors = [err for e in found for err in e.errors]
+    if errors:
+        more = f" (and {len(errors) - 1} more above)" if len(errors) > 1 else ""
+        raise GraftError(errors[0] + more)
     return 0
 
 
@@ -110,7 +123,7 @@ _ARGS = {"inspect": _inspect_args, "explain": _explain_args, "rules": lambda p: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="graftfx",
         description="Graft new operators into pretrained diffusion transformers: trace a model to an FX "
                     "graph, match attention/MLP regions with declarative rules, splice replacements, "

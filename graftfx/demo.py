@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from graftfx.match.cost import count_params
+
 DEFAULT_RULES = "digits-mha-hyena_x-50p.toml"
 
 
@@ -41,7 +43,7 @@ def _latency_ms(model, inputs) -> float:
 
 def run_demo(out="runs/demo", settings: DemoSettings | None = None, progress: bool = True) -> dict:
     import graftfx
-    from graftfx.distill import DistillSettings, Stage1Config, Stage2Config, load_data, run_distill
+    from graftfx.distill import DistillSettings, Stage1Config, Stage2Config, distill_plan, load_data
     from graftfx.eval import evaluate, sample_per_class, save_comparison
     from graftfx.inspect import inspect
     from graftfx.models import BUNDLED_DIGITS_DIT, load_bundled_digits_dit
@@ -62,25 +64,28 @@ def run_demo(out="runs/demo", settings: DemoSettings | None = None, progress: bo
     phase("load + trace + match")
     teacher = load_bundled_digits_dit()
     inputs = teacher.example_inputs(16)
-    report = inspect(teacher, graftfx.load_rules(s.rules), teacher.example_inputs(2), name="digits DiT (bundled)")
+    rules = graftfx.load_rules(s.rules)
+    traced = graftfx.trace(teacher, teacher.example_inputs(2))     # the one trace: inspect, graft, distill
+    report = inspect(traced, rules, name="digits DiT (bundled)")
     print(report.text())
     report.write(out / "inspect")
     done("load + trace + match")
 
     phase("graft (before distillation)")
+    plan = graftfx.select(traced, rules)
     torch.manual_seed(s.seed)
-    before = graftfx.graft(teacher, s.rules, teacher.example_inputs(2))
+    before = graftfx.splice(plan)
     done("graft (before distillation)")
 
     phase("teacher cache + stage 1 + stage 2")
     latents, labels = load_data("digits")
-    torch.manual_seed(s.seed)
+    torch.manual_seed(s.seed)                                       # the same initial weights as `before`
     settings = DistillSettings(stage="both", samples=s.samples, shard_size=256,
                                stage1=Stage1Config(steps=s.steps1, batch_size=8, seed=s.seed, ckpt_every=100),
                                stage2=Stage2Config(steps=s.steps2, batch_size=s.batch2, seed=s.seed, ckpt_every=50,
                                                    warmup=10, num_classes=teacher.config.num_classes))
-    result = run_distill(teacher, teacher.example_inputs(2), s.rules, latents, labels, out / "distill", settings,
-                         model_id=f"bundled:{BUNDLED_DIGITS_DIT.name}", progress=progress)
+    result = distill_plan(plan, latents, labels, out / "distill", settings,
+                          model_id=f"bundled:{BUNDLED_DIGITS_DIT.name}", progress=progress)
     after = result.grafted
     done("teacher cache + stage 1 + stage 2")
 
@@ -91,7 +96,7 @@ def run_demo(out="runs/demo", settings: DemoSettings | None = None, progress: bo
         rec = evaluate(model, n_per_class=s.eval_per_class, steps=s.eval_steps, cfg_scale=s.cfg_scale, sampler="ddim",
                        seed=s.seed, config=teacher.config, progress=progress)
         rows.append({"model": name, "fid": rec.fid, "accuracy": rec.accuracy,
-                     "params": sum(p.numel() for p in model.parameters()), "latency_ms": _latency_ms(model, inputs),
+                     "params": count_params(model), "latency_ms": _latency_ms(model, inputs),
                      "record": rec.to_dict()})
     grid = {name: sample_per_class(m, 1, steps=s.eval_steps, cfg_scale=s.cfg_scale, sampler="ddim", seed=s.seed + 7,
                                    config=teacher.config, progress=False)[0] for name, m in models.items()}

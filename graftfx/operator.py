@@ -106,7 +106,7 @@ class AttentionConfig:
 class HeadNorm(nn.Module):
     """A q/k norm taken from the original: LayerNorm or RMSNorm over the head dim or the width."""
 
-    def __init__(self, kind: str, shape: int, eps: float, weight=None, bias=None):
+    def __init__(self, kind: str, shape: int, eps: float | None, weight=None, bias=None):
         super().__init__()
         self.kind, self.shape, self.eps = kind, shape, eps
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
@@ -114,8 +114,8 @@ class HeadNorm(nn.Module):
 
     def forward(self, x):
         if self.kind == "rms_norm":
-            return F.rms_norm(x, (self.shape,), self.weight, self.eps)
-        return F.layer_norm(x, (self.shape,), self.weight, self.bias, self.eps)
+            return F.rms_norm(x, (self.shape,), self.weight, self.eps)     # eps None: the dtype's epsilon
+        return F.layer_norm(x, (self.shape,), self.weight, self.bias, 1e-5 if self.eps is None else self.eps)
 
 
 class AttentionOperator(Operator):
@@ -194,12 +194,11 @@ class AttentionOperator(Operator):
         else:
             rows(("q", "k", "v"), self.qkv)
         rows(("out",), self.proj)
-        eps = region.details.get("norm_eps") or 1e-6
         for name in ("q", "k"):
-            if region.details.get(f"{name}_norm"):
+            norm = region.details.get(f"{name}_norm")
+            if norm:
                 weight, bias = w.get(f"{name}_norm.weight"), w.get(f"{name}_norm.bias")
-                shape = weight.shape[0] if weight is not None else self.head_dim
-                setattr(self, f"{name}_norm", HeadNorm(region.details["norm_kind"], shape, eps, weight, bias))
+                setattr(self, f"{name}_norm", HeadNorm(norm["kind"], norm["shape"], norm["eps"], weight, bias))
         scale = region.details.get("scale")
         self.scale = float(scale) if scale is not None and not math.isclose(scale, self.head_dim ** -0.5) else None
 

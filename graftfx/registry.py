@@ -25,7 +25,7 @@ PLUGIN_PACKAGES = ("graftfx.rewrites.operators", "graftfx.rewrites.patterns")
 @dataclass(frozen=True)
 class OperatorSpec:
     name: str
-    cls: type                        # an graftfx.operator.Operator subclass
+    cls: type                        # a graftfx.operator.Operator subclass
     config: type                     # dataclass of options, validated in __post_init__
     kinds: tuple[str, ...]           # region kinds it may replace
     loss: str                        # default stage-1 loss: "l1" | "l2" | "huber"
@@ -78,8 +78,12 @@ def register_operator(name: str, *, config: type, kinds: tuple[str, ...], loss: 
         raise TypeError(f"operator {name!r}: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
     def wrap(cls):
+        from graftfx.operator import Operator
+
         if name in OPERATORS and OPERATORS[name].cls is not cls:
             raise ValueError(f"operator {name!r} is registered twice ({OPERATORS[name].cls} and {cls})")
+        if not (isinstance(cls, type) and issubclass(cls, Operator)):
+            raise TypeError(f"operator {name!r}: {getattr(cls, '__name__', cls)} must subclass graftfx.operator.Operator")
         for method in ("from_region", "flops"):
             if not callable(getattr(cls, method, None)):
                 raise TypeError(f"operator {name!r}: {cls.__name__} needs a method {method}() "

@@ -273,7 +273,10 @@ def _import_operator(dotted: str, where: str = "") -> None:
     if config is None:
         raise GraftError(f"{where}operator {dotted!r} has no config dataclass (config_class); register it with "
                          "@graftfx.registry.register_operator instead")
-    register_operator(dotted, config=config, kinds=getattr(cls, "kinds", ("self_attention", "mlp")))(cls)
+    try:
+        register_operator(dotted, config=config, kinds=getattr(cls, "kinds", ("self_attention", "mlp")))(cls)
+    except TypeError as e:
+        raise GraftError(f"{where}operator {dotted!r} does not follow the operator protocol: {e}") from None
 
 
 def builtin_rule_files() -> dict[str, Path]:

@@ -38,9 +38,43 @@ def test_user_errors_exit_2_with_one_line(argv, message):
     assert res.stderr.count("\n") == 1 and message in res.stderr and "Traceback" not in res.stderr
 
 
-def test_bad_flag_exits_2():
-    res = run("inspect", "--frobnicate")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+def cli(argv, capsys):
+    """main() in this process: (exit code, stdout, stderr); argparse's exits count too."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+SWA_HEADS_5 = 'version = 1\n[[rule]]\nname = "five"\npattern = "self_attention"\noperator = "swa"\n' \
+              'select = { preset = "paper-50" }\noptions = { heads = 5 }\n'
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["inspect", "DiT-S/8", "--frobnicate"], "unrecognized arguments: --frobnicate", id="flag"),
+    pytest.param(["distill", "x.toml", "--model", "digits", "--out", "o", "--steps1", "many"],
+                 "argument --steps1: invalid int value: 'many'", id="int"),
+    pytest.param(["bench", "--op", "swaa"], "--op 'swaa' is not a registered operator (did you mean 'swa'?)", id="op"),
+    pytest.param(["inspect", "DiT-S/2", "--rules", "RULES"], "RULES: rule 1 (five): operator 'swa' cannot replace "
+                 "blocks.1.attn", id="inspect-region"),
+    pytest.param(["explain", "DiT-S/2", "--rules", "RULES"], "heads=5 must divide the width 384; set the heads "
+                 "option to a divisor of 384 (and 5 more above)", id="explain-region"),
+    pytest.param(["inspect", "GARBAGE"], "is not a readable safetensors file", id="garbage-checkpoint"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    # The issue's case among them: swa heads=5 on a width-384 model passes validation alone and
+    # fails only against a real region; explain used to exit 0 on it.
+    rules = tmp_path / "five.toml"
+    rules.write_text(SWA_HEADS_5)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x08" + b"\x00" * 7 + b"not json")
+    argv = [str(rules) if a == "RULES" else str(garbage) if a == "GARBAGE" else a for a in argv]
+    code, _, err = cli(argv, capsys)
+    message = message.replace("RULES", str(rules))
+    assert code == 2, err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_inspect_writes_report(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The three import names, and never a top-level ``kernels`` from this repository."""
 import importlib.util
+import re
 import subprocess
 import sys
 import zipfile
@@ -59,3 +60,17 @@ def test_wheel_contains_and_imports_the_three_names(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     for line in res.stdout.split():
         assert line.startswith(str(site)), res.stdout
+
+
+def test_readme_layout_table_matches_the_folders():
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1]
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    listed = {p.strip("/") for row in rows for p in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    for path in listed:
+        assert (ROOT / path).exists(), f"README's layout table lists {path}, which does not exist"
+    inside = {f"graftfx/{p.name}" for p in (ROOT / "graftfx").iterdir()
+              if (p.is_dir() and (p / "__init__.py").exists())
+              or (p.suffix == ".py" and not p.name.startswith("_"))}
+    missing = sorted(inside - listed)
+    assert not missing, f"README's layout table does not list {missing}"
+    assert {"kernels", "rewrites", "benchmarks", "docs"} <= listed

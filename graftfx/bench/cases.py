@@ -1,20 +1,22 @@
 """What the bench times: shapes, operator cases (from the registry), and each case's paths.
 
-Every operator is built the way the splicer builds it (``graftfx.splice.build_operator`` with a
-rule and a region): here the region is hand-made at the bench shape, with random weights in
-the original layout, or copied from a region matched in a model with fresh random weights.
+The bench never names an operator (the two baselines aside, in ``BASELINES``): the cases are
+the registered operators (``graftfx.registry.operators()``) with their ``bench_options``, and
+each path comes from the operator protocol (``graftfx.operator``). Every operator is built the
+way the splicer builds it (``graftfx.splice.build_operator`` with a rule and a region): here the
+region is hand-made at the bench shape, with random weights in the original layout, or copied
+from a region matched in a model with fresh random weights.
 
 Paths of one operator:
 
-- ``triton``: the operator module itself on CUDA (its ``graftfx::`` custom ops run the Triton
-  kernels); only for operators with kernels (those in ``REFERENCES``).
-- ``reference``: the same computation through the kernels' plain-PyTorch references
-  (``graftfx.kernels.<op>.naive``), the operator's own projections and weights.
-- ``eager``: operators without kernels (``mlp``, ``mha``, ``hyena_x2d``) are plain PyTorch:
-  the module itself.
-- ``compile``: ``torch.compile`` of the reference (or eager) module.
-- ``flash_attn`` / ``mamba_ssm`` / ``causal_conv1d``: the operator with that optional backend,
-  on CUDA when the package imports.
+- ``triton``: the operator module itself on CUDA (its kernel core runs the Triton kernels);
+  only for operators whose core has a reference (``has_reference()``).
+- ``reference``: ``op.reference()``, the same operator (same weights) with its core through
+  the plain-PyTorch reference (``kernel_reference``), under ``kernels("reference")``.
+- ``eager``: an operator whose core is plain PyTorch (no reference): the module itself.
+- ``compile``: ``torch.compile`` of the reference (or eager) module (same kernel mode).
+- one path per entry of the operator's ``backends`` (named by its package): the operator built
+  with the backend's options, on CUDA, when the package imports and the dtype is one it runs.
 
 Baselines (what a replacement is compared with, at the same shape): attention regions ->
 ``sdpa``, the ``mha`` operator (q/k/v/out projections + ``F.scaled_dot_product_attention``);
@@ -22,10 +24,8 @@ MLP regions -> the original MLP (``mlp`` operator at the region's hidden width, 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,26 +33,26 @@ import torch
 import torch.nn as nn
 
 from graftfx.errors import GraftError
+from graftfx.match.grid import square_grid
 from graftfx.match.region import Region
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION, MLP = "self_attention", "mlp"
-
-# The paper's operators (and graftfx's additions) in report order; anything else registered
-# is benched after them.
-PAPER_OPS = ("hyena_x", "hyena_y", "hyena_se", "hyena_x2d", "swa", "nat2d", "linear_attention",
-             "mamba2", "mlp", "mlp_hyena_x", "mha")
-# Option sets benched per operator (default: the operator's defaults). The paper's MLP widths:
-# r = 3 and 6 (r = 4, the original, is the MLP baseline).
-VARIANTS: dict[str, list[dict]] = {"mlp": [{"ratio": 3}, {"ratio": 6}]}
-# Optional backends: operator -> [(package, options that select it)]
-OPTIONAL: dict[str, list[tuple[str, dict]]] = {
-    "swa": [("flash_attn", {"backend": "flash_attn"})],
-    "mamba2": [("mamba_ssm", {"backend": "mamba_ssm"})],
-    "hyena_x": [("causal_conv1d", {"conv_backend": "causal_conv1d"})],
-    "hyena_se": [("causal_conv1d", {"conv_backend": "causal_conv1d"})],
-}
+KINDS = (ATTENTION, MLP)             # region kinds the bench times, in report order
 PATH_GROUPS = ("triton", "reference", "compile", "backends")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The original region of a kind, as an operator: ``op`` (registry name) built at the
+    region's shape, reported as ``label``."""
+
+    label: str
+    op: str
+
+
+# The only operator names the bench knows: the operators that ARE the original regions.
+BASELINES = {ATTENTION: Baseline("sdpa", "mha"), MLP: Baseline("mlp", "mlp")}
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -70,7 +70,9 @@ class Shape:
         return DTYPES[self.dtype]
 
     @property
-    def grid(self) -> tuple[int, int]:
+    def grid(self) -> tuple[int, int] | None:
+        """The token grid a hand-made region records (``graftfx.match.grid``: square token
+        counts only; a 2D operator refuses the others with its own message)."""
         return square_grid(self.tokens)
 
     def label(self) -> str:
@@ -89,14 +91,6 @@ PRESETS = {
 # On a CPU without --full the presets shrink: tokens / 4 (the grid side / 2, still square),
 # width / 4 and heads / 4 (the head dim stays 72), batch 1, fp32.
 CPU_TOKENS_DIV, CPU_DIM_DIV = 4, 4
-
-
-def square_grid(tokens: int) -> tuple[int, int]:
-    """The most square (H, W) with H * W = tokens, H <= W (what the 2D operators see)."""
-    h = math.isqrt(tokens)
-    while tokens % h:
-        h -= 1
-    return h, tokens // h
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -159,13 +153,27 @@ class OpCase:
             opts = " ".join(f"{'r' if k == 'ratio' else k}={v}" for k, v in self.options.items())
             self.label = f"{self.op} {opts}".strip()
 
+    @property
+    def operator(self) -> type:
+        """The registered operator class (``graftfx.operator.Operator`` subclass)."""
+        from graftfx.registry import get_operator
+
+        return get_operator(self.op).cls
+
+
+def bench_kind(kinds: tuple[str, ...]) -> str | None:
+    """The region kind an operator replacing ``kinds`` is benched on (None: not benched)."""
+    return next((k for k in KINDS if k in kinds), None)
+
 
 def operator_cases(names: list[str] | None = None) -> tuple[list[OpCase], list[str]]:
-    """Cases for the registered operators (all, or ``names``). Returns (cases, notes)."""
+    """Cases for the registered operators (all, or ``names`` in the order given): one per
+    option set of the operator's ``bench_options``. All registered operators come in a stable
+    order: by the kind they are benched on (attention, then MLP), then by name. Returns
+    (cases, notes)."""
     from graftfx.registry import operators
 
     registered = operators()
-    notes = []
     if names:
         for name in names:
             if name not in registered:
@@ -175,19 +183,18 @@ def operator_cases(names: list[str] | None = None) -> tuple[list[OpCase], list[s
                                  f"{', '.join(sorted(registered))}")
         chosen = list(dict.fromkeys(names))
     else:
-        chosen = [n for n in PAPER_OPS if n in registered]
-        chosen += sorted(n for n in registered if n not in PAPER_OPS)
-        missing = [n for n in PAPER_OPS if n not in registered]
-        if missing:
-            notes.append(f"not registered (skipped): {', '.join(missing)}")
-    cases = []
+        def order(name):
+            kind = bench_kind(registered[name].kinds)
+            return (KINDS.index(kind) if kind else len(KINDS), name)
+        chosen = sorted(registered, key=order)
+    cases, notes = [], []
     for name in chosen:
-        kinds = registered[name].kinds
-        kind = ATTENTION if ATTENTION in kinds else MLP if MLP in kinds else None
+        spec = registered[name]
+        kind = bench_kind(spec.kinds)
         if kind is None:
-            notes.append(f"{name}: replaces {'/'.join(kinds)} regions only; not benched")
+            notes.append(f"{name}: replaces {'/'.join(spec.kinds)} regions only; not benched")
             continue
-        for options in VARIANTS.get(name, [{}]):
+        for options in spec.cls.bench_options:
             cases.append(OpCase(name, dict(options), kind))
     return cases, notes
 
@@ -240,112 +247,22 @@ def build(op: str, options: dict, region: Region, name: str = "bench") -> nn.Mod
 
 
 def baseline_for(kind: str, region: Region) -> tuple[str, nn.Module]:
-    """(name, module) of the original region at this shape: SDPA attention or the MLP."""
-    if kind == ATTENTION:
-        return "sdpa", build("mha", {}, region, "baseline")
-    ratio = (region.hidden or 4 * region.width) / region.width
-    return f"mlp r={ratio:g}", build("mlp", {}, region, "baseline")
+    """(label, module) of the original region at this shape: SDPA attention or the MLP."""
+    base = BASELINES[kind]
+    module = build(base.op, {}, region, "baseline")
+    label = base.label
+    if kind == MLP:
+        label += f" r={(region.hidden or 4 * region.width) / region.width:g}"
+    return label, module
 
 
-# ----------------------------------------------------------------------------- references
-class Reference(nn.Module):
-    """The operator's computation through the kernels' plain-PyTorch references; shares the
-    operator's parameters (so fwd+bwd reaches the same weights)."""
-
-    def __init__(self, op: nn.Module, fn: Callable):
-        super().__init__()
-        self.op, self.fn = op, fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, L, D) -> (B, L, out)
-        return self.fn(self.op, x)
+def is_baseline(case: OpCase) -> bool:
+    """True for the attention baseline itself (nothing to compare it with). The MLP baseline's
+    operator is benched at other widths (its ``bench_options``) against the original."""
+    return case.kind == ATTENTION and case.op == BASELINES[ATTENTION].op
 
 
-def _taps(conv: nn.Module):
-    return conv.weight.squeeze(1), conv.bias
-
-
-_HYENA_FILTERS = {"hyena_x": ("short_filter",), "hyena_y": ("inner_filter",),
-                  "hyena_se": ("short_filter", "inner_filter")}
-
-
-def _hyena(gate_name: str):
-    def make(op):
-        from graftfx.kernels.hyena import naive
-
-        gate, filters = getattr(naive, gate_name), _HYENA_FILTERS[gate_name]
-
-        def forward(m, x):
-            u = m.in_proj(x)                                           # (B, L, 3D)
-            taps = [t for name in filters for t in _taps(getattr(m, name))]
-            return m.out_proj(gate(u, *taps).to(x.dtype))              # (B, L, D)
-        return Reference(op, forward)
-    return make
-
-
-def _heads_split(m, x):
-    B, L, _ = x.shape
-    qkv = m.qkv(x).view(B, L, 3, m.heads, m.head_dim)                  # (B, L, 3, H, Dh)
-    return qkv.permute(2, 0, 3, 1, 4).unbind(0)                        # 3 x (B, H, L, Dh)
-
-
-def _heads_merge(m, o, x):
-    B, L, D = x.shape
-    return m.proj(o.to(x.dtype).transpose(1, 2).reshape(B, L, D))     # (B, L, D)
-
-
-def _swa(op):
-    from graftfx.kernels.swa import naive_swa
-
-    def forward(m, x):
-        q, k, v = _heads_split(m, x)
-        return _heads_merge(m, naive_swa(q, k, v, m.config.window)[0], x)
-    return Reference(op, forward)
-
-
-def _nat2d(op):
-    from graftfx.kernels.nat2d import naive_nat2d
-
-    def forward(m, x):
-        q, k, v = _heads_split(m, x)
-        o, _ = naive_nat2d(q, k, v, m._grid(x.shape[1]), m.config.kernel_size)
-        return _heads_merge(m, o, x)
-    return Reference(op, forward)
-
-
-def _linear_attention(op):
-    from graftfx.kernels.linear_attn import linear_attn_ref
-
-    def forward(m, x):
-        q, k, v = _heads_split(m, x)
-        return _heads_merge(m, linear_attn_ref(q, k, v, m.config.feature_map, m.config.eps), x)
-    return Reference(op, forward)
-
-
-def _mlp_hyena_x(op):
-    from graftfx.kernels.hyena import naive
-
-    def forward(m, x):
-        u = m.in_proj(x)                                               # (B, L, 3 r D)
-        y = naive.mlp_hyena_x(u, *_taps(m.short_filter))               # (B, L, r D)
-        return m.out_proj(y.to(x.dtype))
-    return Reference(op, forward)
-
-
-def _mamba2(op):
-    # The module's own "reference" backend: the chunked SSD scan in plain PyTorch.
-    ref = copy.deepcopy(op)
-    ref.config = dataclasses.replace(op.config, backend="reference")
-    return ref
-
-
-# operator -> builder of its reference module; these operators have Triton kernels.
-REFERENCES: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "hyena_x": _hyena("hyena_x"), "hyena_y": _hyena("hyena_y"), "hyena_se": _hyena("hyena_se"),
-    "swa": _swa, "nat2d": _nat2d, "linear_attention": _linear_attention,
-    "mlp_hyena_x": _mlp_hyena_x, "mamba2": _mamba2,
-}
-
-
+# ----------------------------------------------------------------------------- paths
 @dataclass
 class PathSpec:
     name: str                                     # triton, reference, eager, compile, <package>
@@ -354,35 +271,56 @@ class PathSpec:
     skip: str = ""                                # why it is not timed
 
 
+def base_path(operator: type) -> str:
+    """The PyTorch path of an operator class: ``reference`` when its core runs graftfx kernels
+    (with a reference), else ``eager``."""
+    return "reference" if operator.has_reference() else "eager"
+
+
+def backend_skip(backend, dtype: torch.dtype, cuda: bool) -> str:
+    """Why ``backend`` (a ``graftfx.operator.Backend``) cannot run here ("" when it can)."""
+    from graftfx.kernels._dispatch import optional_backend
+
+    from .harness import dtype_name
+
+    if not cuda:
+        return "needs a CUDA GPU"
+    if not optional_backend(backend.package):
+        return f"{backend.package} is not installed"
+    if backend.dtypes and dtype not in backend.dtypes:
+        return f"{backend.package} runs {'/'.join(dtype_name(d) for d in backend.dtypes)} only"
+    return ""
+
+
 def paths_for(case: OpCase, module: nn.Module, region: Region, device: torch.device,
               groups: set[str]) -> list[PathSpec]:
-    """The paths of ``case`` to time on ``device`` (``groups`` from PATH_GROUPS)."""
-    from graftfx.kernels._dispatch import HAS_TRITON, optional_backend
+    """The paths of ``case`` (built as ``module`` for ``region``) to time on ``device``
+    (``groups`` from PATH_GROUPS), all from the operator protocol."""
+    from graftfx.kernels._dispatch import HAS_TRITON
 
+    operator = type(module)
     cuda = device.type == "cuda"
+    kernels = operator.has_reference()
     out: list[PathSpec] = []
-    has_kernel = case.op in REFERENCES
-    if has_kernel and "triton" in groups:
+    if kernels and "triton" in groups:
         why = "" if cuda and HAS_TRITON else ("needs a CUDA GPU" if HAS_TRITON else "triton is not installed")
         out.append(PathSpec("triton", (lambda: module) if not why else None, "triton", why))
-    base_name = "reference" if has_kernel else "eager"
+    mode = "reference" if kernels else None       # the reference (and its compile): no Triton
     base: list[nn.Module] = []
 
     def base_module():
         if not base:
-            base.append(REFERENCES[case.op](module) if has_kernel else module)
+            base.append(module.reference() if kernels else module)
         return base[0]
 
     if "reference" in groups:
-        out.append(PathSpec(base_name, base_module))
+        out.append(PathSpec(base_path(operator), base_module, mode))
     if "compile" in groups:
-        out.append(PathSpec("compile", lambda: torch.compile(base_module(), dynamic=False)))
+        out.append(PathSpec("compile", lambda: torch.compile(base_module(), dynamic=False), mode))
     if "backends" in groups:
-        for package, options in OPTIONAL.get(case.op, []):
-            why = ("needs a CUDA GPU" if not cuda else
-                   f"{package} is not installed" if not optional_backend(package) else
-                   "flash_attn runs fp16/bf16 only" if package == "flash_attn"
-                   and region.dtype not in (torch.float16, torch.bfloat16) else "")
-            make = (lambda o=options: build(case.op, {**case.options, **o}, region)) if not why else None
-            out.append(PathSpec(package, make, None, why))
+        for backend in operator.backends:
+            why = backend_skip(backend, region.dtype, cuda)
+            make = (lambda o=backend.options: build(case.op, {**case.options, **o}, region, case.label)
+                    ) if not why else None
+            out.append(PathSpec(backend.package, make, None, why))
     return out

@@ -194,7 +194,7 @@ def _model_job(args, cuda: bool, notes: list[str]) -> Job:
 
 def _ops_job(args, device, notes: list[str]) -> Job:
     from . import crossover as xo
-    from .cases import operator_cases, resolve_shapes
+    from .cases import ATTENTION, BASELINES, operator_cases, resolve_shapes
     from .runner import count_units, run_ops
 
     cuda = device.type == "cuda"
@@ -220,7 +220,8 @@ def _ops_job(args, device, notes: list[str]) -> Job:
     swept = xo.crossover_cases(cases)
     if not swept:
         raise GraftError("--crossover: none of the chosen operators replaces attention "
-                         "(mha is the baseline itself); pick attention replacements with --op")
+                         f"({BASELINES[ATTENTION].op} is the baseline itself); pick attention "
+                         "replacements with --op")
     title = f"crossover vs SDPA, {shape.name} B{shape.batch} D{shape.dim} H{shape.heads} {shape.dtype}"
     return Job(title, shape.torch_dtype,
                lambda bench: len(lengths) * (len(swept) + 1) * len(bench.passes),

@@ -13,7 +13,7 @@ import math
 
 from graftfx.errors import GraftError
 
-from .cases import ATTENTION, REFERENCES, OpCase, Shape, make_region
+from .cases import ATTENTION, OpCase, Shape, base_path, is_baseline, make_region
 from .runner import Bench, Result, release_memory
 
 GPU_SWEEP = (256, 16384)
@@ -59,15 +59,17 @@ def crossover_point(points: list[tuple[int, float | None]]) -> dict:
 
 
 def crossover_path(case: OpCase, device) -> str:
-    if case.op not in REFERENCES:
-        return "eager"
-    return "triton" if device.type == "cuda" else "reference"
+    """The path an operator is deployed on: ``triton`` on a GPU when its core runs graftfx
+    kernels, else its PyTorch path (``reference``, or ``eager`` for plain-PyTorch cores)."""
+    if case.operator.has_reference() and device.type == "cuda":
+        return "triton"
+    return base_path(case.operator)
 
 
 def crossover_cases(cases: list[OpCase]) -> list[OpCase]:
-    """Attention replacements only (MLP replacements are compared with the MLP; ``mha`` is
-    the baseline itself)."""
-    return [c for c in cases if c.kind == ATTENTION and c.op != "mha"]
+    """Attention replacements only (MLP replacements are compared with the MLP; the SDPA
+    baseline's operator is the baseline itself)."""
+    return [c for c in cases if c.kind == ATTENTION and not is_baseline(c)]
 
 
 def run_crossover(cases: list[OpCase], shape: Shape, lengths: list[int],
@@ -86,10 +88,16 @@ def run_crossover(cases: list[OpCase], shape: Shape, lengths: list[int],
             path = crossover_path(case, bench.device)
             case_rows = bench.case(case, region, s, s.name, x, base, paths=(path,))
             rows += case_rows
-            for r in case_rows:
-                entry = table.setdefault((case.label, r.pass_), {
-                    "op": case.label, "path": path, "pass": r.pass_, "points": []})
-                b = base.get(r.pass_)
+            # one point per pass; an operator that cannot be built at this L (a 2D operator at
+            # a non-square token count) gives one skipped row, which stands for every pass
+            skipped = next((r for r in case_rows if r.path == "-"), None)
+            for p in bench.passes:
+                r = skipped or next((r for r in case_rows if r.pass_ == p), None)
+                if r is None:
+                    continue
+                entry = table.setdefault((case.label, p), {
+                    "op": case.label, "path": path, "pass": p, "points": []})
+                b = base.get(p)
                 entry["points"].append({"tokens": n, "ms": r.ms, "status": r.status,
                                         "sdpa_ms": b.ms if b is not None and b.ok else None,
                                         "speedup": r.speedup})

@@ -5,13 +5,15 @@ import json
 import os
 from pathlib import Path
 
+from .cases import ATTENTION, BASELINES, MLP
 from .runner import BYTES_MODEL, FLOPS_MODEL, Result
 
 GPU_NOTE = ("NOTE: no CUDA GPU here: Triton kernel timings need a GPU. This CPU run times the "
             "PyTorch reference paths and SDPA only (median of per-call wall times).")
 BASELINE_NOTE = ("speed-up = baseline ms / ms at the same shape and pass; baseline: attention "
-                 "replacements vs `sdpa` (q/k/v/out projections + F.scaled_dot_product_attention, "
-                 "the mha operator), MLP replacements vs the original MLP (r=4)")
+                 f"replacements vs `{BASELINES[ATTENTION].label}` (q/k/v/out projections + "
+                 f"F.scaled_dot_product_attention, the {BASELINES[ATTENTION].op} operator), MLP "
+                 f"replacements vs the original MLP (the {BASELINES[MLP].op} operator, r=4)")
 
 
 def header(meta: dict, title: str) -> str:

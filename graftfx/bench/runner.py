@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from graftfx.errors import GraftError
 
-from .cases import ATTENTION, OpCase, PathSpec, Shape, baseline_for, build, make_region, paths_for
+from .cases import BASELINES, OpCase, PathSpec, Shape, baseline_for, build, make_region, paths_for
 from .harness import Ceilings, Timing, time_callable
 
 PASSES = ("fwd", "fwd+bwd")
@@ -42,7 +42,7 @@ class TimerSettings:
 
 @dataclass
 class Result:
-    op: str                          # case label ("swa", "mlp r=3") or the baseline's name
+    op: str                          # case label (operator plus options) or the baseline's name
     path: str
     kind: str
     shape: str                       # preset name (or the rule name with --model)
@@ -138,9 +138,9 @@ def time_module(module: nn.Module, x: torch.Tensor, pass_: str, device: torch.de
                          grad_to_none=[xg, *params])
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, limit: int = 160) -> str:
     text = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {text[:160]}"
+    return f"{type(e).__name__}: {text[:limit]}"
 
 
 def release_memory(device: torch.device) -> None:
@@ -221,7 +221,7 @@ class Bench:
             label, module = baseline_for(kind, region)
         except (GraftError, ValueError) as e:
             for p in self.passes:
-                rows[p] = _row("sdpa" if kind == ATTENTION else "mlp", "eager", kind, shape, name, p)
+                rows[p] = _row(BASELINES[kind].label, "eager", kind, shape, name, p)
                 rows[p].status = f"skipped: {_one_line(e)}"
             return rows
         for p in self.passes:
@@ -237,7 +237,8 @@ class Bench:
             module = build(case.op, case.options, region, case.label)
         except (GraftError, ValueError, TypeError) as e:
             row = _row(case.label, "-", case.kind, shape, name, self.passes[0])
-            row.status = f"skipped: {_one_line(e)}"
+            # the whole line: the operator's own reason comes after the rule and region
+            row.status = f"skipped: {_one_line(e, limit=400)}"
             self._tick(case.label)
             return [row]
         out_dim = getattr(region, "out_width", None) or shape.dim
@@ -283,12 +284,11 @@ def run_ops(cases: list[OpCase], shapes: list[Shape], bench: Bench) -> list[Resu
 
 def count_units(cases: list[OpCase], n_shapes: int, bench: Bench) -> int:
     """Progress-bar length: timed (path, pass) pairs, baselines included (an upper bound)."""
-    from .cases import OPTIONAL, REFERENCES
-
     per_case = 0
     for c in cases:
-        paths = (("triton" in bench.groups) and c.op in REFERENCES) + ("reference" in bench.groups)
-        paths += ("compile" in bench.groups) + ("backends" in bench.groups) * len(OPTIONAL.get(c.op, []))
+        operator = c.operator
+        paths = (("triton" in bench.groups) and operator.has_reference()) + ("reference" in bench.groups)
+        paths += ("compile" in bench.groups) + ("backends" in bench.groups) * len(operator.backends)
         per_case += max(1, paths * len(bench.passes))
     kinds = len({c.kind for c in cases})
     return n_shapes * (per_case + kinds * len(bench.passes))

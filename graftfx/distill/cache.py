@@ -2,14 +2,19 @@
 
 Layout of a cache folder::
 
-    index.json                      samples, shard size, dtype, seed, rule/model hashes,
-                                    per region: folder and field shapes; per shard: sha256
+    index.json                      samples, shard size, dtype, calibration seed, the teacher's
+                                    weight hash and the data's hash; per region: folder, tap
+                                    (the graph nodes recorded) and field shapes; per shard: sha256
     r000/shard-00000.safetensors    tensors "input", "output" (and "context"), rows = samples
+
+What a cache holds depends on the teacher's weights, the data, the calibration seed and count,
+and the graph nodes each region's input and output are read at, never on the rules: one cache
+can feed every rule set whose regions it holds (a study records each pattern's regions once).
 
 Every file is written to a temporary name and renamed; the index is rewritten after each
 shard, so an interrupted run leaves no half shard and a rerun continues where it stopped.
-Reads map shards with numpy (no full load into RAM); each shard's checksum, shapes and the
-rule/model hashes are checked before a byte of it is used.
+Reads map shards with numpy (no full load into RAM); each shard's checksum and shapes, and the
+index's hashes, seed and taps against what the run asks for, are checked before a byte is used.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ _ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _NP = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 _TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 INDEX = "index.json"
+FORMAT = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +87,6 @@ class Shard:
             (n,) = struct.unpack("<Q", f.read(8))
             self.header = json.loads(f.read(n))
         self.base = 8 + n
-        self.mapped: type | None = None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
@@ -95,7 +100,6 @@ class Shard:
         meta = self.header[name]
         start = self.base + meta["data_offsets"][0]
         mapped = np.memmap(self.path, dtype=_NP[meta["dtype"]], mode="r", offset=start, shape=tuple(meta["shape"]))
-        self.mapped = type(mapped)
         _prefetch(mapped, start, idx)
         out = np.ascontiguousarray(mapped[idx])
         del mapped
@@ -143,12 +147,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 @dataclass
 class CacheSpec:
+    """What a cache is recorded with; a rerun or a reader with another value is refused."""
+
     samples: int
     shard_size: int
     dtype: str
-    seed: int
-    rule_hash: str
-    model_hash: str
+    seed: int                      # calibration seed: sample i is a function of (seed, i)
+    model_hash: str                # the teacher's weights (graftfx.export.fingerprint)
+    data_hash: str = ""            # the calibration data (data_fingerprint)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -173,6 +179,20 @@ def field_shapes(traced, taps: list[Tap]) -> dict[str, dict[str, list[int]]]:
             fields["context"] = t.context
         out[t.path] = {k: list(nodes[v].meta[SHAPE][1:]) for k, v in fields.items()}
     return out
+
+
+def data_fingerprint(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' shapes, dtypes and bytes (the calibration data a cache was made from)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def tap_record(tap: Tap) -> dict:
+    return {"input": tap.input, "output": tap.output, "context": tap.context}
 
 
 def human_bytes(n: float) -> str:
@@ -231,20 +251,36 @@ def write_cache(folder, traced, taps: list[Tap], calib: CalibrationSet, spec: Ca
     return folder
 
 
+_KEYS = ("samples", "shard_size", "dtype", "seed", "model_hash", "data_hash")
+
+
 def _open_index(folder: Path, spec: CacheSpec, taps: list[Tap], shapes: dict) -> dict:
-    fresh = {"format": 1, "samples": spec.samples, "shard_size": spec.shard_size, "dtype": spec.dtype,
-             "seed": spec.seed, "rule_hash": spec.rule_hash, "model_hash": spec.model_hash, "complete": False,
-             "regions": {t.path: {"dir": f"r{i:03d}", "fields": shapes[t.path]} for i, t in enumerate(taps)},
+    fresh = {"format": FORMAT, "samples": spec.samples, "shard_size": spec.shard_size, "dtype": spec.dtype,
+             "seed": spec.seed, "model_hash": spec.model_hash, "data_hash": spec.data_hash, "complete": False,
+             "regions": {t.path: {"dir": f"r{i:03d}", "tap": tap_record(t), "fields": shapes[t.path]}
+                         for i, t in enumerate(taps)},
              "shards": {t.path: [] for t in taps}}
     path = folder / INDEX
     if not path.exists():
         return fresh
-    old = json.loads(path.read_text())
-    for key in ("samples", "shard_size", "dtype", "seed", "rule_hash", "model_hash", "regions"):
+    old = _read_index(folder)
+    for key in (*_KEYS, "regions"):
         if old.get(key) != fresh[key]:
             raise GraftError(f"cache {folder} was written with another {key} ({old.get(key)!r} vs {fresh[key]!r}); "
                              "use a new --cache folder or delete this one")
     return old
+
+
+def _read_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / INDEX).read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise GraftError(f"cache index {folder / INDEX} is not valid JSON; delete the cache folder and record it "
+                         "again") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise GraftError(f"cache {folder} has index format {index.get('format') if isinstance(index, dict) else None!r}, "
+                         f"not {FORMAT}; record it again in a new --cache folder")
+    return index
 
 
 def _shard_done(folder: Path, index: dict, k: int) -> bool:
@@ -260,29 +296,46 @@ def _shard_done(folder: Path, index: dict, k: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 class ActivationCache:
-    """Read a cache folder: ``batch(indices, paths)`` -> {path: {field: float32 tensor}}."""
+    """Read a cache folder: ``batch(indices, paths)`` -> {path: {field: tensor}}.
 
-    def __init__(self, folder, *, rule_hash: str | None = None, model_hash: str | None = None):
+    ``taps``: the regions the run needs (each must be in the cache, read at the same graph
+    nodes); ``model_hash``, ``data_hash``, ``seed``, ``samples``: what the run was given. Any
+    difference is a GraftError naming it: a cache never silently feeds another teacher or data.
+    """
+
+    def __init__(self, folder, *, taps: list[Tap] | None = None, model_hash: str | None = None,
+                 data_hash: str | None = None, seed: int | None = None, samples: int | None = None):
         self.folder = Path(folder)
-        path = self.folder / INDEX
-        if not path.exists():
+        if not (self.folder / INDEX).exists():
             raise GraftError(f"{self.folder} is not an activation cache (no {INDEX}); write one with "
                              "graftfx distill --cache DIR")
-        self.index = json.loads(path.read_text())
+        self.index = _read_index(self.folder)
         if not self.index.get("complete"):
             raise GraftError(f"cache {self.folder} is incomplete; rerun the same command to finish writing it")
-        for key, want in (("rule_hash", rule_hash), ("model_hash", model_hash)):
-            if want is not None and self.index[key] != want:
-                raise GraftError(f"cache {self.folder} was recorded with {key} {self.index[key]} but the run has "
-                                 f"{want}; record a new cache for these rules/model")
+        for key, want in (("model_hash", model_hash), ("data_hash", data_hash), ("seed", seed), ("samples", samples)):
+            if want is not None and self.index.get(key) != want:
+                raise GraftError(f"cache {self.folder} was recorded with {key} {self.index.get(key)!r} but this run "
+                                 f"has {want!r}; record a new cache (another --cache folder) for this teacher/data")
+        regions = self.index["regions"]
+        for tap in taps or ():
+            entry = regions.get(tap.path)
+            if entry is None:
+                raise GraftError(f"cache {self.folder} holds no region {tap.path} (it has {', '.join(regions)}); "
+                                 "record a cache for these rules")
+            if entry.get("tap") != tap_record(tap):
+                raise GraftError(f"cache {self.folder} recorded {tap.path} at other graph nodes ({entry.get('tap')} vs "
+                                 f"{tap_record(tap)}); record a new cache for this model's trace")
         self.samples = int(self.index["samples"])
-        self.paths = list(self.index["regions"])
+        self.paths = [t.path for t in taps] if taps else list(regions)
         self._shards: dict[str, Shard] = {}
 
     def _shard(self, entry: dict, path: str) -> Shard:
         name = entry["file"]
         if name not in self._shards:
-            file = self.folder / name
+            file = (self.folder / name).resolve()
+            if not file.is_relative_to(self.folder.resolve()):
+                raise GraftError(f"cache index {self.folder / INDEX} names a shard outside the cache folder ({name}); "
+                                 "the index is damaged: record the cache again")
             if not file.exists():
                 raise GraftError(f"cache shard {file} is missing; rerun the cache write")
             if file_sha256(file) != entry["sha256"]:

@@ -97,24 +97,26 @@ def _cuda() -> bool:
 
 
 def _export(args) -> int:
-    from safetensors.torch import load_file
-
-    from graftfx.export.export import fingerprint, read_manifest
+    from graftfx.api import graft
+    from graftfx.export.export import export_grafted, fingerprint, read_manifest
     from graftfx.models.zoo import resolve_model
-
-    import graftfx
+    from graftfx.models.load import read_state_dict
+    from graftfx.state import check_state, shapes_of
 
     model, ex_args, ex_kwargs = resolve_model(args.model, meta=False, batch=2)
-    grafted = graftfx.graft(model, args.rules, ex_args, ex_kwargs)
+    grafted = graft(model, args.rules, ex_args, ex_kwargs)
     if args.weights:
-        state = load_file(args.weights)
+        state = read_state_dict(args.weights)
         own = grafted.state_dict()
-        missing = sorted(set(own) - set(state))
-        if missing and not args.partial:
-            raise GraftError(f"--weights {args.weights} lacks {len(missing)} keys of the grafted model "
-                             f"(e.g. {missing[0]}); pass --partial to keep the others as they are")
-        grafted.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}}, strict=True)
-    path = graftfx.export_grafted(grafted, args.out, base_id=args.model, base_hash=fingerprint(model))
+        given = shapes_of(state)
+        optional = set(own) - set(given) if args.partial else set()
+        check_state(shapes_of(own), given, what=f"--weights {args.weights}", optional=optional,
+                    fix="give the weights of this model and rules" + ("" if args.partial else
+                        ", or --partial to keep the keys the file lacks as they are"))
+        if not given:
+            raise GraftError(f"--weights {args.weights} holds no tensors; give the trained weights file")
+        grafted.load_state_dict({**own, **state}, strict=True)
+    path = export_grafted(grafted, args.out, base_id=args.model, base_hash=fingerprint(model))
     manifest = read_manifest(path)
     print(f"exported {len(manifest['regions'])} grafted regions to {path}/ (model.safetensors, graft.json)")
     return 0

@@ -1,10 +1,15 @@
-"""The distillation job: graft -> teacher activations (cache or online) -> stage 1 -> stage 2 ->
-export. Used by ``graftfx distill`` and the demo. Under ``torchrun`` (WORLD_SIZE > 1), stage 1
-shards regions across ranks and stage 2 runs DDP.
+"""The distillation job: plan -> splice -> teacher activations (cache or online) -> stage 1 ->
+stage 2 -> export. ``graftfx distill``, the demo and the study all run it.
+
+- ``run_distill(model, example_inputs, rules, ...)``: trace, select, then ``distill_plan``.
+- ``distill_plan(plan, ...)``: for a caller that traced once already (the demo inspects and
+  grafts the same trace; the study distils many plans of one trace against one shared cache).
+
+Under ``torchrun`` (WORLD_SIZE > 1), stage 1 shards regions across ranks and stage 2 runs DDP
+(or FSDP).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,12 +17,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import graftfx
 from graftfx.errors import GraftError
 from graftfx.export.export import export_grafted, fingerprint
 from graftfx.rules import load_rules
+from graftfx.select.select import Plan, select
+from graftfx.splice.splice import GraftedModule, splice
+from graftfx.trace.tracer import trace
 
-from .cache import ActivationCache, CacheSpec, OnlineTeacher, write_cache
+from .cache import ActivationCache, CacheSpec, OnlineTeacher, data_fingerprint, write_cache
 from .calibration import CalibrationSet
 from .record import Tap
 from .stage1 import RegionJob, Stage1Config, merge_rank_checkpoints, train_stage1
@@ -38,6 +45,7 @@ class DistillSettings:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     device: str = "cpu"
+    export: bool = True               # write <out>/grafted (model.safetensors + graft.json)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -48,7 +56,7 @@ class DistillSettings:
 
 @dataclass
 class DistillResult:
-    grafted: object
+    grafted: GraftedModule
     out: Path
     stage1: dict | None = None
     stage2: dict | None = None
@@ -67,36 +75,57 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def run_distill(model, example_inputs, rules, latents: torch.Tensor, labels: torch.Tensor, out, settings: DistillSettings,
-                *, model_id: str = "", resume: bool = False, progress: bool = True, log=print) -> DistillResult:
-    """Graft ``model`` with ``rules`` and distill; everything lands in ``out``."""
+def run_distill(model, example_inputs, rules, latents: torch.Tensor, labels: torch.Tensor, out,
+                settings: DistillSettings, **kw) -> DistillResult:
+    """Trace ``model`` at ``example_inputs``, select with ``rules`` and distill (``distill_plan``)."""
+    model = model.to(settings.device).eval()
+    example_inputs = tuple(t.to(settings.device) if isinstance(t, torch.Tensor) else t for t in example_inputs)
+    plan = select(trace(model, example_inputs), load_rules(rules))
+    return distill_plan(plan, latents, labels, out, settings, **kw)
+
+
+def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor, out, settings: DistillSettings, *,
+                 cache=None, model_id: str = "", resume: bool = False,
+                 progress: bool = True, log=print) -> DistillResult:
+    """Splice ``plan`` and distill the result; everything lands in ``out``.
+
+    ``cache``: a cache folder (or an opened ActivationCache) holding at least the plan's regions,
+    recorded from the
+    same trace, teacher, data and calibration seed (checked); default: ``settings.cache`` or
+    ``out/cache``, written first (resumable), or the online teacher with ``settings.online``.
+    """
     rank, world = _world()
     say = log if rank == 0 else (lambda *a, **k: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ruleset = load_rules(rules)
-    model = model.to(settings.device).eval()
-    example_inputs = tuple(t.to(settings.device) if isinstance(t, torch.Tensor) else t for t in example_inputs)
-    traced = graftfx.trace(model, example_inputs)
-    plan = graftfx.select(traced, ruleset)
-    grafted = graftfx.splice(plan)
+    traced = plan.traced
+    model = traced.model
+    grafted = splice(plan)
     say(f"grafted {len(grafted.grafts)} regions: " + ", ".join(f"{g.region.path}->{g.operator}" for g in grafted.grafts))
-    model_hash = hashlib.sha256(model_id.encode()).hexdigest()[:16] if model_id else fingerprint(model)
+    model_hash = fingerprint(model)
     result = DistillResult(grafted, out)
     if settings.stage in ("1", "both"):
         taps = [Tap.of(g.region) for g in grafted.grafts]
-        calib = CalibrationSet(latents, labels, settings.samples, seed=settings.stage1.seed)
-        if settings.online:
+        seed = settings.stage1.seed
+        calib = CalibrationSet(latents, labels, settings.samples, seed=seed)
+        data_hash = data_fingerprint(latents, labels)
+        if cache is not None:
+            folder = cache.folder if isinstance(cache, ActivationCache) else Path(cache)
+            source = ActivationCache(folder, taps=taps, model_hash=model_hash, data_hash=data_hash, seed=seed,
+                                     samples=settings.samples)
+            say(f"teacher activations: cache {folder} ({len(taps)} of its {len(source.index['regions'])} regions)")
+        elif settings.online:
             source = OnlineTeacher(traced, taps, calib, settings.cache_dtype)
             say(f"teacher activations: online ({settings.samples} samples, {settings.cache_dtype})")
         else:
             folder = Path(settings.cache or out / "cache")
-            spec = CacheSpec(settings.samples, settings.shard_size, settings.cache_dtype, settings.stage1.seed,
-                             ruleset.digest(), model_hash)
+            spec = CacheSpec(settings.samples, settings.shard_size, settings.cache_dtype, seed, model_hash, data_hash)
             if rank == 0:
-                write_cache(folder, traced, taps, calib, spec, batch_size=settings.record_batch, progress=progress, log=say)
+                write_cache(folder, traced, taps, calib, spec, batch_size=settings.record_batch, progress=progress,
+                            log=say)
             _barrier(world)
-            source = ActivationCache(folder, rule_hash=ruleset.digest(), model_hash=model_hash)
+            source = ActivationCache(folder, taps=taps, model_hash=model_hash, data_hash=data_hash, seed=seed,
+                                     samples=settings.samples)
         jobs = [RegionJob(g.region.path, g.target, grafted.get_submodule(g.target), g.rule.effective_loss, g.region.kind)
                 for g in grafted.grafts]
         result.stage1 = train_stage1(jobs, source, settings.stage1, out / "stage1", resume=resume, rank=rank,
@@ -113,7 +142,7 @@ def run_distill(model, example_inputs, rules, latents: torch.Tensor, labels: tor
         result.stage2 = train_stage2(grafted, teacher, latents, labels, cfg, out / "stage2", resume=resume, rank=rank,
                                      world=world, progress=progress)
         apply_ema(grafted, result.stage2["ema"])
-    if rank == 0:
+    if rank == 0 and settings.export:
         metrics = {}
         if result.stage1:
             metrics["stage1_final_loss"] = result.stage1["losses"]
@@ -121,7 +150,7 @@ def run_distill(model, example_inputs, rules, latents: torch.Tensor, labels: tor
             metrics["stage2_final_loss"] = result.stage2["loss"]
         settings_dict = {"stage": settings.stage, "samples": settings.samples, "cache_dtype": settings.cache_dtype,
                          "online": settings.online, "stage1": asdict(settings.stage1), "stage2": asdict(settings.stage2)}
-        result.export = export_grafted(grafted, out / "grafted", base_id=model_id, base_hash=fingerprint(model),
+        result.export = export_grafted(grafted, out / "grafted", base_id=model_id, base_hash=model_hash,
                                        settings=settings_dict, metrics=metrics)
         say(f"exported {result.export}")
     _barrier(world)
@@ -139,12 +168,12 @@ def load_data(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(spec)
     if not path.is_file():
         raise GraftError(f"data {spec!r} is neither 'digits' nor a file; give a .safetensors/.pt with latents and labels")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from graftfx.models.load import read_state_dict
 
-        blob = load_file(str(path))
-    else:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = read_state_dict(path)
+    except GraftError as e:
+        raise GraftError(f"data file {path}: {str(e).replace(f'checkpoint {path} ', '')}") from None
     missing = [k for k in ("latents", "labels") if k not in blob]
     if missing:
         raise GraftError(f"data file {path} lacks tensor(s) {', '.join(missing)}; it needs 'latents' (N, C, H, W) and 'labels' (N,)")

@@ -1,12 +1,16 @@
 """``explain(model, rules)``: for every rule, what matched and, where nothing or fewer regions
-than the model has blocks matched, the nearest candidates and the condition each one failed."""
+than the model has blocks matched, the nearest candidates and the condition each one failed;
+and whether the rule's operator can be built for every region it selected (checked on the meta
+device: options that fail only against a real region, such as heads not dividing its width)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from graftfx.errors import GraftError
 from graftfx.match.paths import block_prefix
 from graftfx.match.report import Candidate
 from graftfx.select.select import contents, select
+from graftfx.splice.splice import build_operator
 from graftfx.trace.tracer import TracedGraph, module_path, trace
 
 
@@ -21,6 +25,7 @@ class RuleExplanation:
     missing_blocks: list[str] = field(default_factory=list)
     near_misses: list[Candidate] = field(default_factory=list)
     contains: str = ""
+    errors: list[str] = field(default_factory=list)   # GraftErrors building the operator for a region
 
     def __str__(self) -> str:
         head = (f"rule {self.rule} ({self.pattern} -> {self.operator}): matched {len(self.matched)}"
@@ -32,6 +37,8 @@ class RuleExplanation:
             lines.append(f"  nothing matched; the model contains: {self.contains}")
         elif self.missing_blocks:
             lines.append("  no match in: " + ", ".join(self.missing_blocks))
+        for error in self.errors:
+            lines.append(f"  cannot build: {error}")
         if self.near_misses and (not self.matched or self.missing_blocks):
             lines.append("  nearest candidates:")
             lines += [f"    {c}" for c in self.near_misses[:12]]
@@ -53,8 +60,20 @@ def explain(model, rules, example_inputs=(), example_kwargs=None) -> list[RuleEx
             misses = sorted(misses, key=lambda c: block_prefix(c.path) not in missing)
         out.append(RuleExplanation(o.rule.name, o.rule.pattern, o.rule.operator, [r.path for r in o.report.regions],
                                    [r.path for r in o.chosen], len(blocks), missing, list(misses),
-                                   contents(traced) if not o.report.regions else ""))
+                                   contents(traced) if not o.report.regions else "",
+                                   _build_errors(o.rule, o.chosen)))
     return out
+
+
+def _build_errors(rule, regions) -> list[str]:
+    """The operator built for each region on the meta device: nothing is allocated."""
+    errors = []
+    for region in regions:
+        try:
+            build_operator(rule, region, device="meta")
+        except GraftError as e:
+            errors.append(str(e))
+    return errors
 
 
 def numbered_blocks(traced: TracedGraph) -> list[str]:

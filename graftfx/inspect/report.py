@@ -140,8 +140,10 @@ def _count(n) -> str:
 
 def inspect(model, rules=None, example_inputs=(), example_kwargs=None, *, name: str = "", render: bool = True,
             traced: TracedGraph | None = None) -> InspectReport:
-    """Trace (unless ``traced`` is given), match every pattern, and with ``rules`` select and
-    splice, returning an InspectReport."""
+    """Trace (unless ``model`` or ``traced`` is a TracedGraph already), match every pattern, and
+    with ``rules`` select and splice, returning an InspectReport."""
+    if isinstance(model, TracedGraph):
+        traced = model
     traced = traced or trace(model, example_inputs, example_kwargs)
     batch = traced.batch_size
     seen: dict[int, RegionRow] = {}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from graftfx.errors import GraftError
+from graftfx.errors import GraftError, first_line
+from graftfx.state import check_state, shapes_of
 
 from .dit import DiT, DiTConfig
 
@@ -25,13 +26,18 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise GraftError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise GraftError(f"checkpoint {path} is not a readable safetensors file ({first_line(e)}); "
+                             "give a complete .safetensors checkpoint") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling refused or corrupt file
-        raise GraftError(f"checkpoint {path} could not be read with weights_only=True: {str(e).splitlines()[0]}") from None
+        raise GraftError(f"checkpoint {path} could not be read with weights_only=True: {first_line(e)}") from None
     if isinstance(obj, dict):
         for key in ("ema", "model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -65,23 +71,8 @@ def infer_config(sd: dict[str, torch.Tensor], **overrides) -> DiTConfig:
 
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
     """Strict key and shape check; one error naming missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or shapes:
-        def few(items):
-            return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {few(unexpected)}")
-        if shapes:
-            parts.append(f"mis-shaped keys: {few(shapes)}")
-        raise GraftError(f"checkpoint {where} does not fit {type(model).__name__}: " + "; ".join(parts)
-                         + ". Fix: pass the matching config (model size, patch, input size)")
+    check_state(shapes_of(model.state_dict()), shapes_of(sd), what=f"checkpoint {where} ({type(model).__name__})",
+                fix="pass the matching config (model size, patch, input size)")
 
 
 def stored_config(path) -> DiTConfig | None:

@@ -69,13 +69,12 @@ class Study:
 
 
 def load_study(path) -> Study:
+    from graftfx.rewrites import STUDIES_DIR
     from graftfx.rules import Rule, Select
-
-    import graftfx.rewrites
 
     path = Path(path)
     if not path.is_file():
-        bundled = Path(graftfx.rewrites.__file__).parent / "studies" / path.name
+        bundled = STUDIES_DIR / path.name
         if not bundled.is_file():
             raise GraftError(f"study file {path} not found (bundled studies live in rewrites/studies/)")
         path = bundled
@@ -111,7 +110,8 @@ def _keys(table: dict, valid, what: str) -> None:
 
 def run_study(study: Study, out, *, only: str | None = None, progress: bool = True, log=print) -> dict:
     import graftfx
-    from graftfx.distill import ActivationCache, CacheSpec, CalibrationSet, Tap, load_data, write_cache
+    from graftfx.distill import CacheSpec, CalibrationSet, Tap, data_fingerprint, load_data, write_cache
+    from graftfx.export import fingerprint
     from graftfx.models.zoo import resolve_model
     from graftfx.rules import Rule, RuleSet, Select
 
@@ -126,17 +126,15 @@ def run_study(study: Study, out, *, only: str | None = None, progress: bool = Tr
     teacher.requires_grad_(False)
     latents, labels = load_data(study.data)
     traced = graftfx.trace(teacher, ex_args)
-    # one cache per pattern, holding every region of that pattern
+    # one cache per pattern, holding every region of that pattern; each run reads its subset
     caches = {}
+    spec = CacheSpec(s.samples, 256, "float16", s.seed, fingerprint(teacher), data_fingerprint(latents, labels))
     for pattern in sorted({e.pattern for e in study.experiments}):
         every = RuleSet([Rule(pattern, "mha" if "attention" in pattern else "mlp", Select(preset="all"))])
-        plan = graftfx.select(traced, every)
-        taps = [Tap.of(r) for _, r in plan.selected]
-        spec = CacheSpec(s.samples, 256, "float16", s.seed, f"study-{pattern}", graftfx.export.fingerprint(teacher))
-        folder = out / "cache" / pattern
-        write_cache(folder, traced, taps, CalibrationSet(latents, labels, s.samples, seed=s.seed), spec,
-                    progress=progress, log=log)
-        caches[pattern] = ActivationCache(folder)
+        taps = [Tap.of(r) for _, r in graftfx.select(traced, every).selected]
+        caches[pattern] = write_cache(out / "cache" / pattern, traced, taps,
+                                      CalibrationSet(latents, labels, s.samples, seed=s.seed), spec,
+                                      progress=progress, log=log)
     if "teacher" not in results:
         log("evaluating the teacher")
         results["teacher"] = _measure(teacher, teacher, s, traced, None, progress)
@@ -149,7 +147,7 @@ def run_study(study: Study, out, *, only: str | None = None, progress: bool = Tr
             continue
         log(f"[{n}/{len(todo)}] {key}")
         start = time.perf_counter()
-        results["runs"][key] = _one(exp, fraction, teacher, traced, caches[exp.pattern], latents, labels, s, out, progress)
+        results["runs"][key] = _one(exp, fraction, traced, caches[exp.pattern], latents, labels, s, out, progress)
         results["runs"][key]["seconds"] = time.perf_counter() - start
         results["runs"][key].update(experiment=exp.name, fraction=FRACTIONS[fraction], operator=exp.operator,
                                     pattern=exp.pattern, paper_fid=exp.paper.get(FRACTIONS[fraction]))
@@ -193,27 +191,29 @@ def latency_pass(study: Study, results: dict, teacher, traced, rounds: int = 5) 
         (results["teacher"] if key == "teacher" else results["runs"][key])["latency_ms"] = ms
 
 
-def _one(exp: Experiment, fraction: str, teacher, traced, cache, latents, labels, s: StudySettings, out: Path, progress):
+def _one(exp: Experiment, fraction: str, traced, cache, latents, labels, s: StudySettings, out: Path, progress):
+    """One run: the distillation pipeline on this experiment's plan, fed by the pattern's cache."""
     import graftfx
-    from graftfx.distill import RegionJob, Stage1Config, Stage2Config, apply_ema, train_stage1, train_stage2
+    from graftfx.distill import DistillSettings, Stage1Config, Stage2Config, distill_plan
     from graftfx.rules import Rule, Select
 
-    torch.manual_seed(s.seed)
+    teacher = traced.model
     rule = Rule(exp.pattern, exp.operator, Select(preset=fraction, paths=["blocks.*"]), dict(exp.options),
                 name=exp.name, loss=exp.loss)
-    grafted = graftfx.splice(graftfx.select(traced, [rule]))
-    jobs = [RegionJob(g.region.path, g.target, grafted.get_submodule(g.target), g.rule.effective_loss, g.region.kind)
-            for g in grafted.grafts]
+    plan = graftfx.select(traced, [rule])
+    settings = DistillSettings(
+        stage="both", samples=s.samples, export=False,
+        stage1=Stage1Config(steps=s.steps1, batch_size=s.batch1, seed=s.seed, ckpt_every=10**9),
+        stage2=Stage2Config(steps=s.steps2, batch_size=s.batch2, seed=s.seed, warmup=10, ckpt_every=10**9,
+                            num_classes=teacher.config.num_classes))
     work = out / "runs" / f"{exp.operator}-{exp.loss or 'default'}-{fraction}"
-    s1 = train_stage1(jobs, cache, Stage1Config(steps=s.steps1, batch_size=s.batch1, seed=s.seed, ckpt_every=10**9),
-                      work / "stage1", progress=progress)
-    s2 = train_stage2(grafted, teacher, latents, labels,
-                      Stage2Config(steps=s.steps2, batch_size=s.batch2, seed=s.seed, warmup=10, ckpt_every=10**9,
-                                   num_classes=teacher.config.num_classes), work / "stage2", progress=progress)
-    apply_ema(grafted, s2["ema"])
+    torch.manual_seed(s.seed)
+    result = distill_plan(plan, latents, labels, work, settings, cache=cache, progress=progress, log=lambda *a: None)
+    grafted = result.grafted
     record = _measure(grafted, teacher, s, traced, [rule], progress)
-    record.update(regions=[g.region.path for g in grafted.grafts], loss=jobs[0].loss if jobs else None,
-                  stage1_loss=s1["losses"], stage2_loss=s2["loss"])
+    record.update(regions=[g.region.path for g in grafted.grafts],
+                  loss=grafted.grafts[0].rule.effective_loss if grafted.grafts else None,
+                  stage1_loss=result.stage1["losses"], stage2_loss=result.stage2["loss"])
     return record
 
 

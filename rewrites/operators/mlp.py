@@ -20,7 +20,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu,
     "relu": F.relu, "mish": F.mish,
 }
-INITS = ("auto", "copy", "fresh")
+MLP_INITS = ("auto", "copy", "fresh")     # auto: copy when the hidden width and activation are unchanged
 
 
 @dataclass
@@ -32,7 +32,7 @@ class MLPConfig:
     def __post_init__(self):
         check_number("ratio", self.ratio, positive=True, optional=True)
         check_choice("activation", self.activation, tuple(ACTIVATIONS), optional=True)
-        check_choice("init", self.init, INITS)
+        check_choice("init", self.init, MLP_INITS)
 
 
 @register_operator("mlp", config=MLPConfig, kinds=("mlp",), loss="l2",

@@ -194,9 +194,8 @@ def _build(traced, kind, core, chains, out, crossed, proj_out, inputs, context, 
     details = {
         "scale": total_scale, "qkv_fused": q_lin is k_lin is v_lin, "core": core.name,
         "explicit_softmax": op_kind(core, gm) not in ("sdpa", "sdpa_tuple"),
-        "q_norm": chains["q"].norm is not None, "k_norm": chains["k"].norm is not None,
-        "norm_kind": op_kind(chains["q"].norm, gm) if chains["q"].norm is not None else None,
-        "norm_eps": _norm_eps(chains["q"].norm, gm),
+        # a q/k norm crossed on the way: {"kind", "shape" (normalised size: head dim or width), "eps"}
+        "q_norm": _norm_facts(chains["q"].norm, gm), "k_norm": _norm_facts(chains["k"].norm, gm),
     }
     if context is not None:
         details["context_width"] = node_shape(context)[-1]
@@ -222,14 +221,23 @@ def _head_ids(shape, heads, head_dim) -> torch.Tensor:
     return ids.expand(batch, heads, shape[1], head_dim).reshape(shape).clone()
 
 
-def _norm_eps(norm: fx.Node | None, gm) -> float | None:
+def _norm_facts(norm: fx.Node | None, gm) -> dict | None:
+    """What a copy of the norm needs: its kind, the size it normalises over, its eps (None for an
+    RMSNorm without one: torch then uses the dtype's machine epsilon)."""
     if norm is None:
         return None
+    kind = op_kind(norm, gm)
     if norm.op == "call_module":
-        return float(getattr(gm.get_submodule(norm.target), "eps", None) or 1e-6)
-    idx = 3 if op_kind(norm, gm) == "rms_norm" else 4
-    eps = norm.args[idx] if len(norm.args) > idx else norm.kwargs.get("eps")
-    return float(eps) if isinstance(eps, (int, float)) else 1e-5
+        mod = gm.get_submodule(norm.target)
+        shape, eps = tuple(mod.normalized_shape), getattr(mod, "eps", None)
+    else:
+        shape = norm.args[1] if len(norm.args) > 1 else norm.kwargs.get("normalized_shape")
+        shape = tuple(shape) if isinstance(shape, (list, tuple)) else (shape,)
+        idx = 3 if kind == "rms_norm" else 4
+        eps = norm.args[idx] if len(norm.args) > idx else norm.kwargs.get("eps", None if kind == "rms_norm" else 1e-5)
+    if len(shape) != 1 or not isinstance(shape[0], int):
+        raise ValueError(f"the q/k norm {norm.name} normalises over {shape}, not one axis")
+    return {"kind": kind, "shape": int(shape[0]), "eps": float(eps) if isinstance(eps, (int, float)) else None}
 
 
 def _norm_params(norm: fx.Node, gm) -> dict[str, torch.Tensor]:

@@ -18,19 +18,20 @@ def _setup(model, rules, digits, samples=24):
     return traced, taps, calib
 
 
-def _spec(dtype="float32", samples=24, rule_hash="r1", model_hash="m1"):
-    return CacheSpec(samples=samples, shard_size=10, dtype=dtype, seed=3, rule_hash=rule_hash, model_hash=model_hash)
+def _spec(dtype="float32", samples=24, model_hash="m1", data_hash="d1"):
+    return CacheSpec(samples=samples, shard_size=10, dtype=dtype, seed=3, model_hash=model_hash, data_hash=data_hash)
 
 
 def test_cache_holds_exactly_what_the_teacher_computed(tmp_path, digits_dit, rules, digits):
     traced, taps, calib = _setup(digits_dit, rules, digits)
     write_cache(tmp_path, traced, taps, calib, _spec(), batch_size=7, progress=False, log=lambda *a: None)
     index = json.loads((tmp_path / "index.json").read_text())
-    assert index["complete"] and index["samples"] == 24 and index["rule_hash"] == "r1"
+    assert index["complete"] and index["samples"] == 24 and (index["model_hash"], index["data_hash"]) == ("m1", "d1")
     assert set(index["regions"]) == {"blocks.1.attn", "blocks.3.attn", "blocks.1.mlp", "blocks.3.mlp"}
     assert index["regions"]["blocks.1.attn"]["fields"] == {"input": [16, 32], "output": [16, 32]}
+    assert index["regions"]["blocks.1.attn"]["tap"] == {"input": taps[0].input, "output": taps[0].output, "context": None}
     assert [s["count"] for s in index["shards"]["blocks.1.attn"]] == [10, 10, 4]
-    cache = ActivationCache(tmp_path, rule_hash="r1", model_hash="m1")
+    cache = ActivationCache(tmp_path, taps=taps, model_hash="m1", data_hash="d1", seed=3, samples=24)
     idx = [23, 0, 11, 5, 11]
     got = cache.batch(idx)
     want = record(traced, taps, calib.batch(idx))
@@ -89,10 +90,46 @@ def test_corrupted_or_mismatched_shard_is_reported_by_name(tmp_path, digits_dit,
     cache.batch([0, 1], paths=["blocks.3.attn"])  # shard 0 is fine
     with pytest.raises(GraftError, match=f"cache shard {shard} is corrupted"):
         cache.batch([12], paths=["blocks.3.attn"])
-    with pytest.raises(GraftError, match="recorded with rule_hash r1 but the run has r2"):
-        ActivationCache(tmp_path, rule_hash="r2")
     with pytest.raises(GraftError, match="written with another model_hash"):
         write_cache(tmp_path, traced, taps, calib, _spec(model_hash="m9"), progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    pytest.param(dict(model_hash="m2"), "recorded with model_hash 'm1' but this run has 'm2'", id="teacher"),
+    pytest.param(dict(data_hash="d2"), "recorded with data_hash 'd1' but this run has 'd2'", id="data"),
+    pytest.param(dict(seed=4), "recorded with seed 3 but this run has 4", id="seed"),
+    pytest.param(dict(samples=25), "recorded with samples 24 but this run has 25", id="samples"),
+])
+def test_a_reader_with_other_settings_is_refused(tmp_path, digits_dit, rules, digits, kwargs, message):
+    traced, taps, calib = _setup(digits_dit, rules, digits)
+    write_cache(tmp_path, traced, taps, calib, _spec(), progress=False, log=lambda *a: None)
+    ActivationCache(tmp_path, taps=taps, model_hash="m1", data_hash="d1", seed=3, samples=24)  # the same: fine
+    with pytest.raises(GraftError, match=message):
+        ActivationCache(tmp_path, **kwargs)
+
+
+def test_a_cache_feeds_any_subset_of_its_regions_read_at_the_same_nodes(tmp_path, digits_dit, rules, digits):
+    traced, taps, calib = _setup(digits_dit, rules, digits)
+    write_cache(tmp_path, traced, taps, calib, _spec(), progress=False, log=lambda *a: None)
+    some = ActivationCache(tmp_path, taps=taps[1:2])
+    assert some.paths == [taps[1].path] and set(some.batch([0])) == {taps[1].path}
+    with pytest.raises(GraftError, match="holds no region blocks.0.attn"):
+        ActivationCache(tmp_path, taps=[Tap("blocks.0.attn", taps[0].input, taps[0].output)])
+    with pytest.raises(GraftError, match="recorded blocks.1.attn at other graph nodes"):
+        ActivationCache(tmp_path, taps=[Tap(taps[0].path, taps[0].input, "some_other_node")])
+
+
+def test_a_damaged_index_is_a_clear_error(tmp_path, digits_dit, rules, digits):
+    traced, taps, calib = _setup(digits_dit, rules, digits)
+    write_cache(tmp_path, traced, taps, calib, _spec(), progress=False, log=lambda *a: None)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["shards"]["blocks.1.attn"][0]["file"] = "../../etc/passwd"
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(GraftError, match="names a shard outside the cache folder"):
+        ActivationCache(tmp_path).batch([0], paths=["blocks.1.attn"])
+    (tmp_path / "index.json").write_text("{not json")
+    with pytest.raises(GraftError, match="is not valid JSON"):
+        ActivationCache(tmp_path)
 
 
 def test_refuses_when_the_disk_lacks_room(tmp_path, digits_dit, rules, digits, monkeypatch):
@@ -109,7 +146,7 @@ def test_refuses_when_the_disk_lacks_room(tmp_path, digits_dit, rules, digits, m
     assert not list(tmp_path.glob("r*/shard-*"))
 
 
-def test_shard_reads_rows_memory_mapped(tmp_path):
+def test_shard_reads_rows_memory_mapped(tmp_path, monkeypatch):
     t = torch.randn(50, 3, 4).to(torch.bfloat16)
     sha = write_shard(tmp_path / "s.safetensors", {"x": t, "y": t.float()})
     from safetensors.torch import load_file
@@ -118,7 +155,16 @@ def test_shard_reads_rows_memory_mapped(tmp_path):
     shard = Shard(tmp_path / "s.safetensors")
     import numpy as np
 
+    maps = []
+    real = np.memmap
+
+    def spy(*args, **kwargs):  # rows come out of a memory map of just that tensor, never a full read
+        maps.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(np, "memmap", spy)
     rows = shard.rows("x", np.array([7, 2, 49]))
     assert torch.equal(rows, t[[7, 2, 49]]) and rows.dtype == torch.bfloat16
-    assert shard.mapped is np.memmap and len(sha) == 64
+    assert [m["shape"] for m in maps] == [(50, 3, 4)] and maps[0]["offset"] == shard.base and maps[0]["mode"] == "r"
+    assert len(sha) == 64
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]

@@ -66,6 +66,7 @@ def test_joint_attention_is_its_own_kind_and_refused_for_self_rules():
 def test_self_attention_operator_refused_on_cross_region():
     from dataclasses import dataclass
 
+    from graftfx.operator import Operator
     from graftfx.registry import OPERATORS, register_operator
 
     @dataclass
@@ -73,12 +74,17 @@ def test_self_attention_operator_refused_on_cross_region():
         pass
 
     @register_operator("test_self_only", config=NoOptions, kinds=("self_attention",))
-    class SelfOnly(torch.nn.Module):
+    class SelfOnly(Operator):
         """A self-attention-only operator."""
 
         @classmethod
-        def from_region(cls, region, **options):
-            return cls()
+        def from_region(cls, region, config):
+            op = cls()
+            op.config = config
+            return op
+
+        def flops(self, tokens):
+            return 0
 
     try:
         traced = graftfx.trace(Net(Cross).eval(), inputs(2))

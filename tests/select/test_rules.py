@@ -48,7 +48,7 @@ GOOD = 'version = 1\n[[rule]]\npattern = "self_attention"\noperator = "mha"\nsel
     pytest.param("flavour = 2\n" + GOOD, "unknown top-level key 'flavour'; valid keys: version, description, model, rule", id="top-key"),
     pytest.param(GOOD.replace("self_attention", "self_atention"), "unknown pattern 'self_atention' (did you mean 'self_attention'?); valid choices:", id="pattern"),
     pytest.param(GOOD.replace('"mha"', '"mhaa"'), "unknown operator 'mhaa' (did you mean 'mha'?); valid choices:", id="operator"),
-    pytest.param(GOOD + "options = { init = \"copy\", wide = 2 }\n", "unknown option 'wide' for operator 'mha'; valid options: init, heads", id="option"),
+    pytest.param(GOOD + "options = { init = \"copy\", wide = 2 }\n", "unknown option 'wide' for operator 'mha'; valid options: heads, init", id="option"),
     pytest.param(GOOD + "options = { init = \"zeros\" }\n", "init must be one of copy, fresh, got 'zeros'", id="option-value"),
     pytest.param(GOOD.replace("paper-50", "paper-60"), "select.preset 'paper-60' is not one of paper-50, paper-75, all", id="preset"),
     pytest.param(GOOD.replace("preset", "pres"), "unknown select key 'pres'; valid keys: preset, fraction", id="select-key"),
@@ -61,7 +61,26 @@ def test_rule_file_errors_name_file_key_and_choices(tmp_path, text, message):
     with pytest.raises(GraftError) as e:
         load_rules(path)
     assert message in str(e.value)
-    assert str(path) in str(e.value) or "unknown pattern" in str(e.value) or "unknown operator" in str(e.value)
+    assert str(e.value).startswith(f"{path}: "), "a rule-file error names the file first"
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("table, message", [
+    pytest.param('select = { indices = [9] }', "select.indices [9] out of range for a model with 4 blocks", id="indices"),
+    pytest.param('select = { preset = "all" }\noptions = { heads = 3 }', "heads=3 must divide the width 64", id="heads"),
+    pytest.param('select = { preset = "all" }\noptions = { init = "copy", heads = 2 }',
+                 "init='copy' needs the original heads=4", id="copy-heads"),
+])
+def test_errors_found_against_the_model_name_file_rule_and_region(tmp_path, tiny_dit, table, message):
+    # Options that pass validation alone but fail for a real region (the issue's swa heads=5 on
+    # a width-384 model): a GraftError naming the file, the rule and the region, never a ValueError.
+    path = write(tmp_path, 'version = 1\n[[rule]]\nname = "a"\npattern = "self_attention"\noperator = "swa"\n' + table + "\n")
+    with pytest.raises(GraftError) as e:
+        graftfx.graft(tiny_dit, path, tiny_dit.example_inputs(2))
+    text = str(e.value)
+    assert message in text and text.startswith(f"{path}: rule 1 (a): ")
+    if "indices" not in message:
+        assert "blocks.0.attn" in text and "set the heads option" in text or "use init='fresh'" in text
 
 
 def test_import_path_only_with_explicit_opt_in(tmp_path):

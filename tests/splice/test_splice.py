@@ -33,8 +33,8 @@ def test_one_call_module_per_region_and_untouched_weights_shared(tiny_dit):
     spliced = {id(p) for p in grafted.spliced_parameters()}
     original = {id(p) for p in tiny_dit.parameters()}
     assert spliced and not spliced & original
-    assert len(spliced) == 2 * 8  # q, k, v, out: weight + bias, two regions
-    assert [n for n, _ in grafted.spliced_named_parameters()][0] == "blocks.1.attn.q.weight"
+    assert len(spliced) == 2 * 4  # packed qkv and proj: weight + bias, two regions
+    assert [n for n, _ in grafted.spliced_named_parameters()][0] == "blocks.1.attn.qkv.weight"
 
 
 def test_state_roundtrip_through_safetensors(tiny_dit, tmp_path):

@@ -52,12 +52,22 @@ def test_study_file_errors(tmp_path):
         load_study(p)
 
 
-def test_tiny_study_runs_resumes_and_reports(tmp_path):
+def test_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
+    import torch
+
+    import graftfx.distill as distill
+
     p = tmp_path / "s.toml"
     p.write_text(TINY)
     study = load_study(p)
     out = tmp_path / "out"
+    traces, runs = [], []
+    real_trace, real_distill = torch.fx.symbolic_trace, distill.distill_plan
+    monkeypatch.setattr(torch.fx, "symbolic_trace", lambda *a, **k: traces.append(a) or real_trace(*a, **k))
+    monkeypatch.setattr(distill, "distill_plan", lambda plan, *a, **k: runs.append(plan) or real_distill(plan, *a, **k))
     res = run_study(study, out, progress=False, log=lambda *a: None)
+    # the study runs the distillation pipeline (one plan per run) on one trace of the teacher
+    assert len(traces) == 1 and len(runs) == 2 and all(plan.traced is runs[0].traced for plan in runs)
     assert set(res["runs"]) == {"MHA -> Hyena-X @ 50%", "MLP -> MLP r=3 @ 100%"}
     run = res["runs"]["MHA -> Hyena-X @ 50%"]
     assert run["regions"] == ["blocks.1.attn", "blocks.3.attn", "blocks.5.attn", "blocks.7.attn"]
