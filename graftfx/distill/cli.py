@@ -101,12 +101,16 @@ def _export(args) -> int:
     from graftfx.export.export import export_grafted, fingerprint, read_manifest
     from graftfx.models.zoo import resolve_model
     from graftfx.models.load import read_state_dict
+    from graftfx.rules import load_rules
     from graftfx.state import check_state, shapes_of
+    from graftfx.training import checkpoint_file
 
+    rules = load_rules(args.rules)                     # cheap checks first: the rules, the weights file
+    weights = checkpoint_file(args.weights) if args.weights else None
     model, ex_args, ex_kwargs = resolve_model(args.model, meta=False, batch=2)
-    grafted = graft(model, args.rules, ex_args, ex_kwargs)
-    if args.weights:
-        state = read_state_dict(args.weights)
+    grafted = graft(model, rules, ex_args, ex_kwargs)
+    if weights is not None:
+        state = read_state_dict(weights)
         own = grafted.state_dict()
         given = shapes_of(state)
         optional = set(own) - set(given) if args.partial else set()
@@ -125,8 +129,8 @@ def _export(args) -> int:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("rules", metavar="RULES.toml", help="rule file (path or bundled name)")
     p.add_argument("--model", required=True, help="base model: preset, checkpoint, or 'digits'")
-    p.add_argument("--weights", help="safetensors of trained weights to put in (e.g. OUT/stage1/checkpoint/"
-                                     "params.safetensors)")
+    p.add_argument("--weights", help="trained weights to put in: a .safetensors file, or a run's checkpoint folder "
+                                     "(e.g. OUT/stage1/checkpoint: its newest complete checkpoint's params)")
     p.add_argument("--partial", action="store_true", help="allow --weights to cover only some keys (spliced params)")
     p.add_argument("--out", required=True, help="folder for model.safetensors + graft.json")
 

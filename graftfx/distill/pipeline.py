@@ -28,7 +28,7 @@ from .cache import ActivationCache, CacheSpec, OnlineTeacher, data_fingerprint, 
 from .calibration import CalibrationSet
 from .record import Tap
 from .stage1 import RegionJob, Stage1Config, merge_rank_checkpoints, train_stage1
-from .stage2 import Stage2Config, apply_ema, train_stage2
+from .stage2 import Stage2Config, apply_ema, has_checkpoint, train_stage2
 
 STAGES = ("1", "2", "both")
 
@@ -139,7 +139,8 @@ def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor, out, s
         if cfg.num_classes == 1000 and hasattr(model, "config") and hasattr(model.config, "num_classes"):
             cfg.num_classes = model.config.num_classes
         teacher = model if cfg.objective != "diffusion" or cfg.train == "all" else None
-        result.stage2 = train_stage2(grafted, teacher, latents, labels, cfg, out / "stage2", resume=resume, rank=rank,
+        resume2 = resume and (settings.stage == "2" or has_checkpoint(out / "stage2"))  # stage 2 may not have begun
+        result.stage2 = train_stage2(grafted, teacher, latents, labels, cfg, out / "stage2", resume=resume2, rank=rank,
                                      world=world, progress=progress)
         apply_ema(grafted, result.stage2["ema"])
     if rank == 0 and settings.export:

@@ -8,21 +8,19 @@ replacements and L2 for MLPs (per rule; Huber selectable).
 """
 from __future__ import annotations
 
+import math
+import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from graftfx.errors import GraftError
-
-from graftfx.io import atomic_path, atomic_torch_save, atomic_write_json
-
 from graftfx.match.paths import short_name
-
-from .train_utils import Metrics, lr_lambda, plot_curves, read_json, restore_rng, rng_state
+from graftfx.training import CheckpointStore, Metrics, lr_lambda, plot_curves, restore_rng, rng_state, run_steps
 
 LOSSES = ("l1", "l2", "huber")
 
@@ -76,18 +74,32 @@ def loss_fn(name: str, pred: torch.Tensor, target: torch.Tensor, delta: float = 
     return F.huber_loss(pred, target, delta=delta)
 
 
+# Files of the checkpoint layout before graftfx.training (one folder, replaced file by file).
+_LEGACY = ("params.safetensors", "optim.pt", "state.json")
+
+
+def checkpoint_root(out_dir, rank: int = 0, world: int = 1) -> Path:
+    """Where stage 1 keeps its step checkpoints: ``OUT/checkpoint`` (``OUT/checkpoint/rankR`` per rank)."""
+    base = Path(out_dir) / "checkpoint"
+    return base / f"rank{rank}" if world > 1 else base
+
+
 def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, resume: bool = False,
                  rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
     """Train ``jobs`` on batches from ``source`` (an ActivationCache or OnlineTeacher).
 
     With ``world`` > 1, rank r trains jobs r, r+world, ...; every rank draws the same batch
-    indices, so the result equals a single-process run with the same seed. Returns
-    {"losses": {path: last loss}, "steps": n, "checkpoint": folder}.
+    indices, so the result equals a single-process run with the same seed. Each rank writes its
+    own checkpoints (``checkpoint_root``): ``step-N/params.safetensors`` (its operators' weights by
+    grafted-model key), ``step-N/train.safetensors`` (optimizer, scheduler, sampler and RNG
+    state), ``step-N/state.json``. ``resume`` continues from the newest complete one (a
+    GraftError when there is none); a run without it starts over and removes the old checkpoints.
+    Returns {"losses": {path: last loss}, "steps": n, "checkpoint": that newest step folder}.
     """
     out = Path(out_dir)
-    ckpt = out / "checkpoint" / (f"rank{rank}" if world > 1 else "")
-    ckpt.mkdir(parents=True, exist_ok=True)
+    store = CheckpointStore(checkpoint_root(out, rank, world))
     mine = [j for i, j in enumerate(jobs) if i % world == rank]
+    paths = [j.path for j in mine]
     device = torch.device(device) if device is not None else _device_of(mine)
     opts, scheds = {}, {}
     for job in mine:
@@ -97,19 +109,21 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
         scheds[job.path] = torch.optim.lr_scheduler.LambdaLR(opts[job.path], lr_lambda(cfg.schedule, cfg.warmup, cfg.steps))
     sampler = torch.Generator().manual_seed(cfg.seed)
     metrics = Metrics(out / (f"metrics-rank{rank}.jsonl" if world > 1 else "metrics.jsonl"))
+    last = {p: float("nan") for p in paths}
     start = 0
-    if resume and (ckpt / "state.json").exists():
+    if resume:
+        ckpt = store.require()
         start = _load(ckpt, mine, opts, scheds, sampler)
-        metrics.truncate(start)
-    elif not resume:
-        metrics.truncate(0)
-    last = {j.path: float("nan") for j in mine}
+        last.update({p: v for p, v in ckpt.meta.get("losses", {}).items() if p in last})
+    else:
+        _clear_old_checkpoints(out, rank, world)
+    metrics.start(start if resume else None)
     autocast = device.type == "cuda" and cfg.autocast
-    bar = tqdm(range(start, cfg.steps), desc=f"stage 1{f' rank {rank}' if world > 1 else ''}", disable=not progress,
-               initial=start, total=cfg.steps)
-    for step in bar:
+
+    def step(i: int) -> dict[str, float]:
         idx = torch.randint(source.samples, (cfg.batch_size,), generator=sampler).tolist()
-        batch = source.batch(idx, paths=[j.path for j in mine])
+        batch = source.batch(idx, paths=paths)
+        values = {}
         for job in mine:
             fields = batch[job.path]
             x, y = fields["input"].to(device).float(), fields["output"].to(device).float()
@@ -117,29 +131,36 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 pred = job.module(*args)
             loss = loss_fn(job.loss, pred.float(), y, cfg.huber_delta)
-            if not torch.isfinite(loss):
-                raise GraftError(f"stage 1: loss of region {job.path} is {loss.item()} at step {step + 1}; the last good "
-                                 f"checkpoint is in {ckpt} (lower the lr or check the cache)")
+            value = loss.item()
+            values[f"loss/{job.path}"] = value
+            if not math.isfinite(value):
+                continue  # never applied: the loop stops the run after this step
             opt = opts[job.path]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(job.module.parameters(), cfg.grad_clip)
             opt.step()
             scheds[job.path].step()
-            last[job.path] = loss.item()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics.log({"step": done, **{f"loss/{p}": v for p, v in last.items()},
-                         "lr": scheds[mine[0].path].get_last_lr()[0] if mine else 0.0})
-            bar.set_postfix_str(" ".join(f"{short_name(p)}:{v:.3g}" for p, v in last.items())[:120])
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save(ckpt, mine, opts, scheds, sampler, done, cfg)
-    bar.close()
+            last[job.path] = value
+        values["lr"] = scheds[mine[0].path].get_last_lr()[0] if mine else 0.0
+        return values
+
+    def log(done: int, window: list[dict]) -> str:
+        metrics.log({"step": done, **window[-1]})
+        return " ".join(f"{short_name(p)}:{v:.3g}" for p, v in last.items())[:120]
+
+    def checkpoint(done: int) -> None:
+        _save(store, mine, opts, scheds, sampler, done, cfg, last)
+
+    run_steps(f"stage 1{f' rank {rank}' if world > 1 else ''}", start=start, total=cfg.steps, step=step, log=log,
+              checkpoint=checkpoint, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, store=store,
+              hint="lower the stage 1 lr (--lr1, --lr1-mlp) and start again without --resume, or check the cache",
+              progress=progress)
     for job in mine:
         job.module.eval()
     if rank == 0:
         plot_curves(metrics.path, out / "stage1-loss.png", "stage 1: per-region loss")
-    return {"losses": last, "steps": cfg.steps, "checkpoint": str(ckpt)}
+    return {"losses": last, "steps": max(cfg.steps, start), "checkpoint": str(store.require("stage 1").folder)}
 
 
 def _device_of(jobs) -> torch.device:
@@ -149,45 +170,57 @@ def _device_of(jobs) -> torch.device:
     return torch.device("cpu")
 
 
-def _save(folder: Path, jobs, opts, scheds, sampler, step: int, cfg: Stage1Config) -> None:
-    """Spliced parameters (safetensors) + optimizer/scheduler/RNG state; the state.json that
-    names the step is written last, so a crash mid-save leaves the previous checkpoint valid."""
-    from safetensors.torch import save_file
+def _clear_old_checkpoints(out: Path, rank: int, world: int) -> None:
+    """A fresh run owns its folder: earlier checkpoints (any world size, any layout) go, so a later
+    --resume or merge can never pick them up. Each checkpoint folder has one remover."""
+    base = out / "checkpoint"
+    CheckpointStore(checkpoint_root(out, rank, world)).clear()
+    if rank != 0:
+        return
+    if world > 1:
+        CheckpointStore(base).clear()
+    for legacy in _LEGACY:
+        (base / legacy).unlink(missing_ok=True)
+    if base.is_dir():
+        for entry in base.iterdir():
+            m = re.fullmatch(r"rank(\d+)", entry.name)
+            if m and entry.is_dir() and (world == 1 or int(m.group(1)) >= world):
+                shutil.rmtree(entry, ignore_errors=True)
 
-    tensors = {f"{j.target}.{k}": v.detach().contiguous().cpu() for j in jobs for k, v in j.module.state_dict().items()}
-    with atomic_path(folder / "params.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    atomic_torch_save(folder / "optim.pt", {"opt": {j.path: opts[j.path].state_dict() for j in jobs},
-                                      "sched": {j.path: scheds[j.path].state_dict() for j in jobs},
-                                      "sampler": sampler.get_state(), "rng": rng_state()})
-    atomic_write_json(folder / "state.json", {"step": step, "config": asdict(cfg), "regions": [j.path for j in jobs]})
+
+def _save(store: CheckpointStore, jobs, opts, scheds, sampler, step: int, cfg: Stage1Config, losses: dict) -> None:
+    """One step folder: the spliced parameters, the optimizer/scheduler/sampler/RNG state, the record."""
+    params = {f"{j.target}.{k}": v for j in jobs for k, v in j.module.state_dict().items()}
+    train = {"opt": {j.path: opts[j.path].state_dict() for j in jobs},
+             "sched": {j.path: scheds[j.path].state_dict() for j in jobs},
+             "sampler": sampler.get_state(), "rng": rng_state()}
+    store.save(step, tensors={"params": params}, states={"train": train},
+               meta={"config": asdict(cfg), "regions": [j.path for j in jobs], "losses": losses})
 
 
-def _load(folder: Path, jobs, opts, scheds, sampler) -> int:
-    from safetensors.torch import load_file
-
-    state = read_json(folder / "state.json")
-    if state["regions"] != [j.path for j in jobs]:
-        raise GraftError(f"checkpoint {folder} was made for regions {state['regions']}, not these; use a new --out")
-    params = load_file(str(folder / "params.safetensors"))
+def _load(ckpt, jobs, opts, scheds, sampler) -> int:
+    regions = [j.path for j in jobs]
+    if ckpt.meta.get("regions") != regions:
+        raise GraftError(f"checkpoint {ckpt.folder} was made for regions {ckpt.meta.get('regions')}, not {regions}; "
+                         "fix: resume with the rules and world size of that run, or use a new --out")
+    params = ckpt.tensors("params")
     for j in jobs:
         own = {k[len(j.target) + 1:]: v for k, v in params.items() if k.startswith(j.target + ".")}
         j.module.load_state_dict(own, strict=True)
-    blob = torch.load(folder / "optim.pt", weights_only=True)
+    train = ckpt.state("train")
     for j in jobs:
-        opts[j.path].load_state_dict(blob["opt"][j.path])
-        scheds[j.path].load_state_dict(blob["sched"][j.path])
-    sampler.set_state(blob["sampler"])
-    restore_rng(blob["rng"])
-    return int(state["step"])
+        opts[j.path].load_state_dict(train["opt"][j.path])
+        scheds[j.path].load_state_dict(train["sched"][j.path])
+    sampler.set_state(train["sampler"])
+    restore_rng(train["rng"])
+    return ckpt.step
 
 
 def merge_rank_checkpoints(out_dir, world: int) -> dict[str, torch.Tensor]:
-    """All ranks' trained parameters, by grafted-model key (for the final export)."""
-    from safetensors.torch import load_file
-
+    """All ranks' trained parameters (each rank's newest complete checkpoint), by grafted-model key."""
     merged: dict[str, torch.Tensor] = {}
-    base = Path(out_dir) / "checkpoint"
     for r in range(world):
-        merged.update(load_file(str((base / f"rank{r}" if world > 1 else base) / "params.safetensors")))
+        store = CheckpointStore(checkpoint_root(out_dir, r, world))
+        merged.update(store.require(f"stage 1 rank {r}", "rerun stage 1 (a rank failed before its first "
+                                                         "checkpoint)").tensors("params"))
     return merged

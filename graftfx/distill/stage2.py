@@ -3,25 +3,26 @@
 Objectives: the DiT diffusion loss on real data (latents + labels), output distillation
 against the teacher (MSE of the full model output on the same noised inputs), or both.
 Trains all parameters (the paper) or only the spliced ones; AdamW with warmup; EMA of the
-trained weights; bf16 autocast on CUDA; DDP when run under torchrun.
+trained weights; bf16 autocast on CUDA; DDP (or FSDP) when run under torchrun.
+
+``batch_size`` is the global batch: every rank draws the same batch (indices, label dropout,
+timesteps, noise) from the same seed and trains on its 1/world slice, so DDP and FSDP follow the
+single-process run on that batch (up to the order of floating-point sums).
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from graftfx.errors import GraftError
 from graftfx.models.diffusion import GaussianDiffusion
-
-from graftfx.io import atomic_path, atomic_torch_save, atomic_write_json
-
-from .train_utils import Metrics, lr_lambda, plot_curves, read_json, restore_rng, rng_state
+from graftfx.training import CheckpointStore, Metrics, lr_lambda, plot_curves, restore_rng, rng_state, run_steps
 
 OBJECTIVES = ("diffusion", "distill", "both")
 
@@ -83,12 +84,40 @@ def unshare(grafted: nn.Module, teacher: nn.Module) -> None:
                 module.register_buffer(name, b.detach().clone(), persistent=name not in module._non_persistent_buffers_set)
 
 
+_LEGACY = ("model.safetensors", "ema.safetensors", "optim.pt", "state.json")
+
+
+def checkpoint_root(out_dir) -> Path:
+    """Where stage 2 keeps its step checkpoints (written by rank 0): ``OUT/checkpoint``."""
+    return Path(out_dir) / "checkpoint"
+
+
+def has_checkpoint(out_dir) -> bool:
+    """Whether ``out_dir`` holds a complete stage 2 checkpoint (a ``--stage both --resume`` of a
+    run stopped before stage 2 began starts stage 2 afresh instead of failing)."""
+    return CheckpointStore(checkpoint_root(out_dir)).latest() is not None
+
+
 def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, cfg: Stage2Config, out_dir, *,
                  resume: bool = False, rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
-    """Finetune ``grafted`` (in place). Returns {"loss": last loss, "ema": {name: tensor}}."""
+    """Finetune ``grafted`` (in place). Returns {"loss": last loss, "ema": {name: tensor}, "steps": n,
+    "checkpoint": the newest step folder}.
+
+    Rank 0 writes the checkpoints: ``step-N/model.safetensors`` (the whole model),
+    ``step-N/ema.safetensors`` (EMA of the trained parameters), ``step-N/train.safetensors``
+    (optimizer, scheduler, sampler and RNG state; not under FSDP, whose runs do not resume) and
+    ``step-N/state.json``. ``resume`` continues from the newest complete one (a GraftError when
+    there is none); a run without it starts over and removes the old checkpoints.
+    """
     out = Path(out_dir)
-    ckpt = out / "checkpoint"
-    ckpt.mkdir(parents=True, exist_ok=True)
+    store = CheckpointStore(checkpoint_root(out))
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    if resume and fsdp:
+        raise GraftError("--resume is not supported with --parallel fsdp (sharded optimizer state is not saved); "
+                         "fix: rerun without --resume, or use --parallel ddp")
+    if cfg.batch_size % world:
+        raise GraftError(f"stage 2 batch {cfg.batch_size} does not split over {world} ranks; "
+                         f"fix: pass a --batch2 divisible by {world}")
     device = torch.device(device) if device is not None else next(grafted.parameters()).device
     if cfg.objective != "diffusion" and teacher is None:
         raise GraftError(f"stage 2 objective {cfg.objective!r} needs the teacher model")
@@ -100,7 +129,7 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
     for _, p in grafted.named_parameters():
         p.requires_grad_(any(p is q for _, q in params))
     model = grafted.train()
-    if world > 1 and cfg.parallel == "fsdp":
+    if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(grafted)  # parameters become sharded DTensors; forward gathers them
@@ -111,27 +140,30 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", cfg.warmup, cfg.steps))
     ema = {n: _full(p).detach().clone() for n, p in params}
     diffusion = GaussianDiffusion(num_timesteps=1000)
-    sampler = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    sampler = torch.Generator().manual_seed(cfg.seed * 7919)  # the same on every rank: one global batch
     metrics = Metrics(out / (f"metrics-rank{rank}.jsonl" if world > 1 else "metrics.jsonl"))
-    start = 0
-    if resume and cfg.parallel == "fsdp" and world > 1:
-        raise GraftError("--resume is not supported with --parallel fsdp (sharded optimizer state is not saved); "
-                         "use --parallel ddp")
-    if resume and (ckpt / "state.json").exists():
+    start, last = 0, float("nan")
+    if resume:
+        ckpt = store.require()
         start = _load(ckpt, grafted, opt, sched, ema, sampler)
-        metrics.truncate(start)
-    elif not resume:
-        metrics.truncate(0)
+        last = float(ckpt.meta.get("loss", last))
+    elif rank == 0:
+        store.clear()  # a fresh run owns its folder: a later --resume never picks up older checkpoints
+        for legacy in _LEGACY:
+            (store.root / legacy).unlink(missing_ok=True)
+    metrics.start(start if resume else None)
     autocast = device.type == "cuda" and cfg.autocast
-    last = float("nan")
-    bar = tqdm(range(start, cfg.steps), desc="stage 2", disable=not progress or rank != 0, initial=start, total=cfg.steps)
-    for step in bar:
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
+    def step(i: int) -> dict[str, float]:
+        nonlocal last
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=sampler)
-        x0, y = latents[idx].to(device).float(), labels[idx].to(device)
-        drop = torch.rand(len(y), generator=sampler) < cfg.class_dropout
-        y = torch.where(drop.to(device), torch.full_like(y, cfg.num_classes), y)
-        t = torch.randint(diffusion.num_timesteps, (len(y),), generator=sampler).to(device)
-        noise = torch.randn(x0.shape, generator=sampler).to(device)
+        drop = torch.rand(cfg.batch_size, generator=sampler) < cfg.class_dropout
+        t = torch.randint(diffusion.num_timesteps, (cfg.batch_size,), generator=sampler)
+        noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=sampler)
+        x0, y = latents[idx[mine]].to(device).float(), labels[idx[mine]].to(device)
+        y = torch.where(drop[mine].to(device), torch.full_like(y, cfg.num_classes), y)
+        t, noise = t[mine].to(device), noise[mine].to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             terms = {}
             if cfg.objective in ("diffusion", "both"):
@@ -142,10 +174,9 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
                     target = teacher(x_t, t, y)
                 terms["distill"] = cfg.distill_weight * F.mse_loss(model(x_t, t, y).float(), target.float())
             loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise GraftError(f"stage 2: loss is {loss.item()} at step {step + 1} "
-                             f"({', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); the last good checkpoint "
-                             f"is in {ckpt} (lower the lr)")
+        values = {"loss/total": loss.item(), **{f"loss/{k}": v.item() for k, v in terms.items()}}
+        if not math.isfinite(values["loss/total"]):
+            return values  # never applied: the loop stops the run
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
@@ -154,19 +185,25 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
         with torch.no_grad():
             for n, p in params:
                 ema[n].mul_(cfg.ema_decay).add_(_full(p.detach()), alpha=1 - cfg.ema_decay)
-        last = loss.item()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics.log({"step": done, "loss/total": last, **{f"loss/{k}": v.item() for k, v in terms.items()},
-                         "lr": sched.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{last:.4g}")
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save(ckpt, grafted, opt, sched, ema, sampler, done, cfg, write=rank == 0)
-    bar.close()
+        last = values["loss/total"]
+        return {**values, "lr": sched.get_last_lr()[0]}
+
+    def log(done: int, window: list[dict]) -> str:
+        metrics.log({"step": done, **window[-1]})
+        return f"loss={last:.4g}"
+
+    def checkpoint(done: int) -> None:
+        _save(store, grafted, opt, sched, ema, sampler, done, cfg, last, write=rank == 0)
+
+    run_steps("stage 2", start=start, total=cfg.steps, step=step, log=log, checkpoint=checkpoint,
+              log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, store=store,
+              hint="lower the stage 2 lr (--lr2) and start again without --resume", progress=progress and rank == 0)
     grafted.eval()
     if rank == 0:
         plot_curves(metrics.path, out / "stage2-loss.png", "stage 2: finetuning loss")
-    return {"loss": last, "ema": ema, "steps": cfg.steps}
+    latest = store.latest()  # ranks > 0 may look before rank 0's last rename: they do not rely on it
+    return {"loss": last, "ema": ema, "steps": max(cfg.steps, start),
+            "checkpoint": str(latest.folder) if latest is not None else None}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -187,37 +224,35 @@ def apply_ema(grafted: nn.Module, ema: dict[str, torch.Tensor]) -> None:
                 p.copy_(v)
 
 
-def _save(folder: Path, grafted, opt, sched, ema, sampler, step: int, cfg: Stage2Config, write: bool = True) -> None:
+def _save(store: CheckpointStore, grafted, opt, sched, ema, sampler, step: int, cfg: Stage2Config, loss: float,
+          write: bool = True) -> None:
     """Rank 0 writes; under FSDP every rank takes part in gathering the full tensors."""
-    from safetensors.torch import save_file
-
-    state = {k: _full(v).detach().contiguous().cpu().clone() for k, v in grafted.state_dict().items()}
+    model = {k: _full(v).detach() for k, v in grafted.state_dict().items()}
     if not write:
         return
     fsdp = any(hasattr(p, "full_tensor") for p in grafted.parameters())
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
-    with atomic_path(folder / "ema.safetensors") as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp))
+    states = {}
     if not fsdp:  # sharded optimizer states are not checkpointed: FSDP runs do not resume
-        atomic_torch_save(folder / "optim.pt", {"opt": opt.state_dict(), "sched": sched.state_dict(),
-                                          "sampler": sampler.get_state(), "rng": rng_state()})
-    atomic_write_json(folder / "state.json", {"step": step, "config": asdict(cfg), "resumable": not fsdp})
+        states["train"] = {"opt": opt.state_dict(), "sched": sched.state_dict(), "sampler": sampler.get_state(),
+                           "rng": rng_state()}
+    store.save(step, tensors={"model": model, "ema": ema}, states=states,
+               meta={"config": asdict(cfg), "resumable": not fsdp, "loss": loss})
 
 
-def _load(folder: Path, grafted, opt, sched, ema, sampler) -> int:
-    from safetensors.torch import load_file
-
-    state = read_json(folder / "state.json")
-    if not state.get("resumable", True):
-        raise GraftError(f"checkpoint {folder} comes from an FSDP run, which does not resume; rerun without --resume "
-                         "or use --parallel ddp")
-    grafted.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    for k, v in load_file(str(folder / "ema.safetensors")).items():
+def _load(ckpt, grafted, opt, sched, ema, sampler) -> int:
+    if not ckpt.meta.get("resumable", False) or not ckpt.has("train"):
+        raise GraftError(f"checkpoint {ckpt.folder} comes from an FSDP run, which does not resume; "
+                         "fix: rerun without --resume, or use --parallel ddp")
+    grafted.load_state_dict(ckpt.tensors("model"), strict=True)
+    saved = ckpt.tensors("ema")
+    if saved.keys() != ema.keys():
+        raise GraftError(f"checkpoint {ckpt.folder} holds the EMA of {len(saved)} parameters, this run trains "
+                         f"{len(ema)}; fix: resume with the --train setting of that run, or start without --resume")
+    for k, v in saved.items():
         ema[k].copy_(v)
-    blob = torch.load(folder / "optim.pt", weights_only=True)
-    opt.load_state_dict(blob["opt"])
-    sched.load_state_dict(blob["sched"])
-    sampler.set_state(blob["sampler"])
-    restore_rng(blob["rng"])
-    return int(state["step"])
+    train = ckpt.state("train")
+    opt.load_state_dict(train["opt"])
+    sched.load_state_dict(train["sched"])
+    sampler.set_state(train["sampler"])
+    restore_rng(train["rng"])
+    return ckpt.step

@@ -9,7 +9,6 @@ extended with ``--resume --steps MORE`` without changing the steps already taken
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,9 +21,9 @@ from graftfx.data import DIGITS_CONFIG, digits_split
 from graftfx.errors import GraftError
 from graftfx.models import DiT, DiTConfig, GaussianDiffusion
 
+from graftfx.training import CheckpointStore, Metrics, run_steps
+
 from .card import export_bundle
-from .checkpoint import latest_step, load_checkpoint, save_checkpoint
-from graftfx.io import atomic_write_text
 
 NUM_TIMESTEPS = 1000
 # Settings that define the trajectory: a resumed run must use the checkpoint's values.
@@ -122,12 +121,19 @@ def ema_decay_at(settings: TrainSettings, step: int) -> float:
     return min(settings.ema_decay, (1.0 + step) / (10.0 + step))
 
 
+def checkpoint_store(out, keep: int = 2) -> CheckpointStore:
+    """``OUT/checkpoints``: ``step-N/weights.safetensors`` (``model.<key>`` and ``ema.<key>``, DiT key
+    layout), ``step-N/optimizer.safetensors`` (the AdamW state), ``step-N/state.json`` (settings,
+    wall time, the runs so far); see ``graftfx.training.checkpoint``."""
+    return CheckpointStore(Path(out) / "checkpoints", keep=keep)
+
+
 def resolve_settings(out, given: dict, resume: bool) -> TrainSettings:
     """Settings from the flags given; with ``resume``, unspecified ones come from the checkpoint."""
     given = {k: v for k, v in given.items() if v is not None}
     if not resume:
         return TrainSettings(**given)
-    saved = load_checkpoint(Path(out) / "checkpoints").state["settings"]
+    saved = checkpoint_store(out).require().meta["settings"]
     for name in LOCKED:
         if name in given and given[name] != saved[name]:
             raise GraftError(f"--{_flag(name)} {given[name]} differs from the checkpoint's {saved[name]} in {out}; "
@@ -145,7 +151,7 @@ def train_digits(out, settings: TrainSettings | None = None, *, resume: bool = F
     """
     settings = settings or TrainSettings()
     out = Path(out)
-    ckpt_root = out / "checkpoints"
+    store = checkpoint_store(out, settings.keep)
     (x_train, y_train), (x_test, y_test) = data if data is not None else digits_split()
     cfg = settings.config()
     if tuple(x_train.shape[1:]) != (cfg.in_channels, cfg.input_size, cfg.input_size):
@@ -161,16 +167,16 @@ def train_digits(out, settings: TrainSettings | None = None, *, resume: bool = F
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.999),
                                   weight_decay=settings.weight_decay)
     state = {"runs": [], "wall_s": 0.0, "final_loss": None, "eval_loss": None}
+    metrics = Metrics(out / "metrics.jsonl")
     start = 0
     if resume:
-        start, state = _restore(ckpt_root, settings, model, ema, optimizer)
-        _truncate_metrics(out / "metrics.jsonl", start)
-    elif latest_step(ckpt_root) is not None:
-        raise GraftError(f"{out} already holds a training run (checkpoint at step {latest_step(ckpt_root)}); "
-                         "fix: pass --resume to continue it, or choose another --out")
+        start, state = _restore(store, settings, model, ema, optimizer)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.jsonl", "")
+        existing = store.latest()
+        if existing is not None:
+            raise GraftError(f"{out} already holds a training run (checkpoint at step {existing.step}); "
+                             "fix: pass --resume to continue it, or choose another --out")
+    metrics.start(start if resume else None)
 
     run = {"command": command, "start_step": start, "end_step": start, "wall_s": 0.0,
            "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -179,7 +185,6 @@ def train_digits(out, settings: TrainSettings | None = None, *, resume: bool = F
     state["train_size"] = len(x_train)
     t0 = time.perf_counter()
     wall_before = float(state["wall_s"])
-    window: list[dict] = []
 
     def snapshot(step):
         run["end_step"] = step
@@ -187,36 +192,28 @@ def train_digits(out, settings: TrainSettings | None = None, *, resume: bool = F
         state["wall_s"] = wall_before + run["wall_s"]
         return state
 
-    from tqdm.auto import tqdm
+    def step(i: int) -> dict:
+        return _train_step(model, ema, optimizer, diffusion, settings, i, x_train, y_train)
 
-    bar = tqdm(total=settings.steps, initial=start, desc="pretrain digits", unit="step", disable=not progress,
-               mininterval=1.0)
+    def log(done: int, window: list[dict]) -> str:
+        row = _log_row(done, window, t0, wall_before)
+        state["final_loss"] = row["loss"]
+        metrics.log(row)
+        return f"loss={row['loss']:.4f} lr={row['lr']:.1e}"
+
+    def checkpoint(done: int) -> None:
+        state["eval_loss"] = eval_loss(ema, diffusion, x_test, y_test, settings.seed)
+        metrics.log({"step": done, "eval_loss_ema": state["eval_loss"]})
+        weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+        weights.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+        store.save(done, tensors={"weights": weights}, states={"optimizer": optimizer.state_dict()},
+                   meta=snapshot(done))
+
     model.train()
-    try:
-        for step in range(start, settings.steps):
-            metrics = _train_step(model, ema, optimizer, diffusion, settings, step, x_train, y_train)
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                last = latest_step(ckpt_root)
-                kept = f"the last good checkpoint (step {last}) is kept in {ckpt_root}" if last is not None \
-                    else "no checkpoint was written yet"
-                raise GraftError(f"training loss became {metrics['loss']} (grad norm {metrics['grad_norm']}) at step "
-                                 f"{step}; {kept}; fix: lower --lr or --grad-clip and start again, or --resume")
-            window.append(metrics)
-            bar.update(1)
-            done = step + 1
-            at_ckpt = done % settings.ckpt_every == 0 or done == settings.steps
-            if done % settings.log_every == 0 or at_ckpt:  # a checkpoint closes the window: resumes log alike
-                row = _log_row(done, window, t0, wall_before)
-                state["final_loss"] = row["loss"]
-                _append_metrics(out / "metrics.jsonl", row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
-                window = []
-            if at_ckpt:
-                state["eval_loss"] = eval_loss(ema, diffusion, x_test, y_test, settings.seed)
-                _append_metrics(out / "metrics.jsonl", {"step": done, "eval_loss_ema": state["eval_loss"]})
-                save_checkpoint(ckpt_root, done, model, ema, optimizer, snapshot(done), keep=settings.keep)
-    finally:
-        bar.close()
+    run_steps("pretrain digits", start=start, total=settings.steps, step=step, log=log, checkpoint=checkpoint,
+              log_every=settings.log_every, ckpt_every=settings.ckpt_every, store=store,
+              hint="start a new --out with a lower --lr or --grad-clip (--resume would retrace the same steps)",
+              progress=progress)
     end = max(settings.steps, start)
     snapshot(end)
     files: dict[str, Path] = {}
@@ -244,15 +241,15 @@ def _train_step(model, ema, optimizer, diffusion, settings, step, x_train, y_tra
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
     else:
         grad_norm = float("nan")
-    if not math.isfinite(grad_norm):
-        return dict(loss=value, mse=float("nan"), vb=float("nan"), grad_norm=grad_norm, lr=lr)
+    mse, vb = float(losses["mse"].detach().mean()), float(losses["vb"].detach().mean())
+    if not math.isfinite(grad_norm):  # not applied: the loop stops the run with the last good checkpoint
+        return dict(loss=value, mse=mse, vb=vb, grad_norm=grad_norm, lr=lr)
     optimizer.step()
     decay = ema_decay_at(settings, step)
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1.0 - decay)
-    return dict(loss=value, mse=float(losses["mse"].detach().mean()), vb=float(losses["vb"].detach().mean()),
-                grad_norm=grad_norm, lr=lr)
+    return dict(loss=value, mse=mse, vb=vb, grad_norm=grad_norm, lr=lr)
 
 
 @torch.no_grad()
@@ -276,18 +273,18 @@ def eval_loss(model, diffusion, x, y, seed: int, repeats: int = 2, chunk: int = 
     return total / max(count, 1)
 
 
-def _restore(ckpt_root: Path, settings: TrainSettings, model, ema, optimizer):
-    ckpt = load_checkpoint(ckpt_root)
-    saved = ckpt.state["settings"]
+def _restore(store: CheckpointStore, settings: TrainSettings, model, ema, optimizer):
+    ckpt = store.require()
+    saved = ckpt.meta["settings"]
     for name in LOCKED:
         if saved[name] != asdict(settings)[name]:
             raise GraftError(f"--{_flag(name)} {getattr(settings, name)} differs from the checkpoint's {saved[name]} "
                              f"in {ckpt.folder}; fix: resume with the checkpoint's value or start a new --out")
-    model.load_state_dict(ckpt.model, strict=True)
-    ema.load_state_dict(ckpt.ema, strict=True)
-    optimizer.load_state_dict({"state": ckpt.optimizer_state,
-                               "param_groups": optimizer.state_dict()["param_groups"]})
-    return ckpt.step, ckpt.state
+    weights = ckpt.tensors("weights")
+    model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}, strict=True)
+    ema.load_state_dict({k[len("ema."):]: v for k, v in weights.items() if k.startswith("ema.")}, strict=True)
+    optimizer.load_state_dict(ckpt.state("optimizer"))
+    return ckpt.step, {k: v for k, v in ckpt.meta.items() if k != "step"}
 
 
 def _log_row(step: int, window: list[dict], t0: float, wall_before: float) -> dict:
@@ -297,18 +294,3 @@ def _log_row(step: int, window: list[dict], t0: float, wall_before: float) -> di
     return {"step": step, "loss": mean("loss"), "mse": mean("mse"), "vb": mean("vb"),
             "grad_norm": mean("grad_norm"), "lr": window[-1]["lr"],
             "wall_s": round(wall_before + time.perf_counter() - t0, 3)}
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    if not path.is_file():
-        atomic_write_text(path, "")
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graftfx.distill.train_utils import save_figure
+from graftfx.training.plots import save_figure
 
 COLUMNS = ("50%", "75%", "100%")
 

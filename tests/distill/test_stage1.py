@@ -65,10 +65,33 @@ def test_nan_loss_names_region_and_step_and_keeps_checkpoint(tmp_path, setup):
     traced, plan, cache = setup
     grafted = graftfx.splice(plan)
     jobs = _jobs(grafted)
-    train_stage1(jobs, cache, Stage1Config(steps=4, batch_size=4, ckpt_every=2), tmp_path / "s", progress=False)
-    good = (tmp_path / "s" / "checkpoint" / "params.safetensors").read_bytes()
+    res = train_stage1(jobs, cache, Stage1Config(steps=4, batch_size=4, ckpt_every=2), tmp_path / "s", progress=False)
+    folder = tmp_path / "s" / "checkpoint" / "step-0000004"
+    assert res["checkpoint"] == str(folder)
+    good = (folder / "params.safetensors").read_bytes()
     jobs[2].module.register_forward_hook(lambda m, i, out: out * float("nan"))  # blows up from now on
-    with pytest.raises(GraftError, match=r"stage 1: loss of region blocks.1.mlp is nan at step 5"):
-        train_stage1(jobs, cache, Stage1Config(steps=8, batch_size=4, ckpt_every=2), tmp_path / "s", resume=True,
+    with pytest.raises(GraftError, match=r"stage 1 diverged in step 5: loss/blocks.1.mlp = nan; the last good "
+                                         r"checkpoint \(step 4\) is kept in .*step-0000004; fix: lower the stage 1 lr"):
+        train_stage1(jobs, cache, Stage1Config(steps=8, batch_size=4, ckpt_every=1), tmp_path / "s", resume=True,
                      progress=False)
-    assert (tmp_path / "s" / "checkpoint" / "params.safetensors").read_bytes() == good
+    assert (folder / "params.safetensors").read_bytes() == good
+    assert sorted(p.name for p in (tmp_path / "s" / "checkpoint").iterdir()) == ["latest.json", "step-0000002",
+                                                                                  "step-0000004"]
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_a_fresh_run_starts_clean(tmp_path, setup):
+    traced, plan, cache = setup
+    cfg = Stage1Config(steps=4, batch_size=4, ckpt_every=2, log_every=1)
+    with pytest.raises(GraftError, match=r"--resume: no complete checkpoint in .*s1.checkpoint; fix: run without "
+                                         r"--resume to start, or pass the --out of an earlier run"):
+        train_stage1(_jobs(graftfx.splice(plan)), cache, cfg, tmp_path / "s1", resume=True, progress=False)
+    assert not (tmp_path / "s1" / "metrics.jsonl").exists()  # nothing started, nothing appended
+    train_stage1(_jobs(graftfx.splice(plan)), cache, Stage1Config(**{**cfg.__dict__, "steps": 6}), tmp_path / "s1",
+                 progress=False)
+    # a fresh run in the same folder: the 6-step run's checkpoints and metrics are gone, not resumed or appended to
+    res = train_stage1(_jobs(graftfx.splice(plan)), cache, cfg, tmp_path / "s1", progress=False)
+    root = tmp_path / "s1" / "checkpoint"
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-0000002", "step-0000004"]
+    assert res["checkpoint"] == str(root / "step-0000004")
+    rows = [json.loads(line) for line in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -13,9 +13,8 @@ from graftfx.errors import GraftError
 from graftfx.models import (BUNDLED_DIGITS_DIT, DiT, DiTConfig, GaussianDiffusion, bundled_digits_config,
                             load_bundled_digits_dit, load_dit)
 from graftfx.pretrain import TrainSettings, train_digits
-from graftfx.pretrain.checkpoint import latest_step, load_checkpoint
 from graftfx.io import atomic_save_safetensors
-from graftfx.pretrain.train import batch_indices, eval_loss, resolve_settings
+from graftfx.pretrain.train import batch_indices, checkpoint_store, eval_loss, resolve_settings
 
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0,
             num_classes=10, learn_sigma=True)
@@ -79,16 +78,18 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     assert resumed.step == 6
     assert same_tensors(whole.model.state_dict(), resumed.model.state_dict())
     assert same_tensors(whole.ema.state_dict(), resumed.ema.state_dict())
-    opt_a = load_checkpoint(tmp_path / "whole" / "checkpoints")
-    opt_b = load_checkpoint(tmp_path / "split" / "checkpoints")
-    assert opt_a.optimizer_state.keys() == opt_b.optimizer_state.keys()
-    assert all(same_tensors(opt_a.optimizer_state[i], opt_b.optimizer_state[i]) for i in opt_a.optimizer_state)
+    ckpt_a = checkpoint_store(tmp_path / "whole").require()
+    ckpt_b = checkpoint_store(tmp_path / "split").require()
+    opt_a, opt_b = ckpt_a.state("optimizer"), ckpt_b.state("optimizer")
+    assert opt_a["state"].keys() == opt_b["state"].keys() and len(opt_a["state"]) > 10
+    assert all(same_tensors(opt_a["state"][i], opt_b["state"][i]) for i in opt_a["state"])
+    assert opt_a["param_groups"] == opt_b["param_groups"]
 
     def losses(folder):
         rows = (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines())
         return [(r["step"], r.get("loss"), r.get("eval_loss_ema")) for r in rows]
     assert losses(tmp_path / "whole") == losses(tmp_path / "split")
-    assert [r["start_step"] for r in opt_b.state["runs"]] == [0, 3]
+    assert [r["start_step"] for r in ckpt_b.meta["runs"]] == [0, 3]
 
 
 def test_batches_are_epoch_permutations():
@@ -100,14 +101,17 @@ def test_batches_are_epoch_permutations():
 def test_checkpoints_are_safetensors_written_atomically(tmp_path, data, monkeypatch):
     run(tmp_path, data, steps=4, ckpt_every=2, keep=1)
     root = tmp_path / "checkpoints"
-    assert latest_step(root) == 4
+    assert checkpoint_store(tmp_path).require().step == 4
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-0000004"]     # keep=1 pruned step 2
-    with safe_open(str(root / "step-0000004" / "weights.safetensors"), framework="pt") as f:
+    folder = root / "step-0000004"
+    assert sorted(p.name for p in folder.iterdir()) == ["complete.json", "optimizer.safetensors", "state.json",
+                                                        "weights.safetensors"]
+    with safe_open(str(folder / "weights.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert "model.blocks.0.attn.qkv.weight" in keys and "ema.final_layer.linear.weight" in keys
-    with safe_open(str(root / "step-0000004" / "optimizer.safetensors"), framework="pt") as f:
-        assert {k.split(".", 1)[1] for k in f.keys()} == {"exp_avg", "exp_avg_sq", "step"}
-    assert json.loads((root / "step-0000004" / "state.json").read_text())["step"] == 4
+    with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as f:
+        assert {k.rsplit(".", 1)[1] for k in f.keys()} == {"exp_avg", "exp_avg_sq", "step"}
+    assert json.loads((folder / "state.json").read_text())["step"] == 4
 
     # A crash at the rename leaves the old file whole and no temp file behind.
     target = tmp_path / "x.safetensors"
@@ -132,7 +136,7 @@ def test_checkpoints_are_safetensors_written_atomically(tmp_path, data, monkeypa
     with pytest.raises(OSError):
         run(tmp_path, data, steps=6, ckpt_every=2, keep=1, resume=True)
     monkeypatch.undo()
-    assert latest_step(root) == 4
+    assert checkpoint_store(tmp_path).require().step == 4
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-0000004"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
 
@@ -141,15 +145,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
     run(tmp_path, data, steps=2, ckpt_every=2)
     (x, y), test = data
     poisoned = ((torch.full_like(x, float("nan")), y), test)
-    with pytest.raises(GraftError, match=r"loss became nan .* at step 2; the last good checkpoint \(step 2\) is kept"):
+    with pytest.raises(GraftError, match=r"pretrain digits diverged in step 3: loss = nan.*grad_norm = nan; "
+                                         r"the last good checkpoint \(step 2\) is kept in .*step-0000002; fix: "):
         run(tmp_path, poisoned, steps=6, ckpt_every=1, resume=True)
-    ckpt = load_checkpoint(tmp_path / "checkpoints")
-    assert ckpt.step == 2 and all(torch.isfinite(v).all() for v in ckpt.model.values())
+    ckpt = checkpoint_store(tmp_path).require()
+    assert ckpt.step == 2 and all(torch.isfinite(v).all() for v in ckpt.tensors("weights").values())
 
 
 def test_resume_guards(tmp_path, data):
-    with pytest.raises(GraftError, match="no checkpoint"):
+    with pytest.raises(GraftError, match=r"--resume: no complete checkpoint in .*checkpoints; fix: run without "
+                                         r"--resume to start, or pass the --out of an earlier run"):
         run(tmp_path, data, resume=True)
+    with pytest.raises(GraftError, match="no complete checkpoint"):
+        resolve_settings(tmp_path, {}, resume=True)
     run(tmp_path, data, steps=2)
     with pytest.raises(GraftError, match="already holds a training run"):
         run(tmp_path, data, steps=4)
@@ -206,4 +214,4 @@ def test_cli_resume_without_checkpoint_exits_2(tmp_path, capsys):
     register(COMMANDS, _ARGS)
     assert main(["pretrain", "digits", "--out", str(tmp_path / "none"), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no checkpoint" in err and "fix:" in err
+    assert err.count("\n") == 1 and "no complete checkpoint" in err and "fix:" in err
