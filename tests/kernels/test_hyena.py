@@ -5,11 +5,12 @@
   a missing bias, K = 3 as well as 4);
 - the public custom-op functions through ``torch.autograd.grad``, in Triton and reference mode,
   on inputs that are strided views;
-- the closed-form reference backward against autograd, ``torch.library.opcheck``, a
-  fullgraph ``torch.compile`` trace, and the one-line input errors.
+- the closed-form reference backward against autograd;
+- ``torch.library.opcheck`` in Triton and reference mode, and a fullgraph ``torch.compile``
+  trace in Triton mode against the reference, recording which launchers ran;
+- the one-line input errors.
 """
 import importlib
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +23,7 @@ from graftfx.kernels import _dispatch  # noqa: E402
 from graftfx.kernels.hyena import (MAX_TAPS, causal_conv1d_available, hyena_se_gate,  # noqa: E402
                                    hyena_x_gate, hyena_y_gate, mlp_hyena_x_gate, naive,
                                    short_conv)
-from graftfx.kernels.testing import TOL, assert_rel_close  # noqa: E402
+from graftfx.kernels.testing import TOL, assert_rel_close, record_calls  # noqa: E402
 
 hx = importlib.import_module("graftfx.kernels.hyena.hyena_x")
 hy = importlib.import_module("graftfx.kernels.hyena.hyena_y")
@@ -114,12 +115,7 @@ def test_public_op_autograd(name, mode, monkeypatch):
     """The custom op through autograd, fed strided views (stride(1) != channels); in Triton
     mode both launchers must actually run."""
     op = OPS[name]
-    calls = []
-    for fn in (op.fwd, op.bwd):
-        def counted(*args, _fn=fn):
-            calls.append(_fn.__name__)
-            return _fn(*args)
-        monkeypatch.setattr(sys.modules[fn.__module__], fn.__name__, counted)
+    calls = record_calls(monkeypatch, op.fwd, op.bwd)
     batch, length, d, taps = 2, 33, 24, 4
     width = op.groups * d
     u_full = torch.randn(batch, length, width + 8, requires_grad=True)
@@ -142,7 +138,9 @@ def test_public_op_autograd(name, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["triton", "reference"])
-def test_hyena_se_gate_autograd(mode):
+def test_hyena_se_gate_autograd(mode, monkeypatch):
+    calls = record_calls(monkeypatch, fz.short_conv_fwd, fz.short_conv_bwd,
+                         hy.hyena_y_fwd, hy.hyena_y_bwd)
     batch, length, d = 3, 63, 12
     u = torch.randn(batch, length, 3 * d, requires_grad=True)
     params = [(torch.randn(3 * d, 4) / 2), 0.1 * torch.randn(3 * d),
@@ -152,6 +150,8 @@ def test_hyena_se_gate_autograd(mode):
         y = hyena_se_gate(u, *params)
         dy = torch.randn(y.shape)
         got = torch.autograd.grad(y, (u, *params), dy)
+    assert calls == (["short_conv_fwd", "hyena_y_fwd", "hyena_y_bwd", "short_conv_bwd"]
+                     if mode == "triton" else [])
     leaves = [t.detach().clone().requires_grad_() for t in (u, *params)]
     ref_y = naive.hyena_se(*leaves)
     ref = torch.autograd.grad(ref_y, leaves, dy)
@@ -162,41 +162,59 @@ def test_hyena_se_gate_autograd(mode):
         assert_rel_close(label, g, r, tol)
 
 
-def test_opcheck_custom_ops():
-    """Schema, fake (shape/stride/dtype) and autograd registration of every forward and
-    backward op; the fake outputs must match both the reference and the Triton path."""
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_opcheck_custom_ops(name, mode, monkeypatch):
+    """Schema, fake (shape/stride/dtype) and autograd registration of the forward and backward
+    op, with and without a bias, on the path named: in Triton mode the interpreter runs the
+    launchers inside every check."""
+    op = OPS[name]
+    calls = record_calls(monkeypatch, op.fwd, op.bwd)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    for name, op in OPS.items():
-        u, weight, bias = make_inputs(op, 2, 10, 6, 4, True)
-        op_name = {"short_conv": "hyena_short_conv"}.get(name, f"{name}_gate")
-        fwd = getattr(torch.ops.graftfx, op_name).default
-        bwd = getattr(torch.ops.graftfx, f"{op_name}_bwd").default
-        args = (u.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
-        torch.library.opcheck(fwd, args, test_utils=utils)
-        torch.library.opcheck(fwd, (u.detach(), weight.detach(), None), test_utils=utils)
-        dy = torch.randn(op.ref(u, weight, bias).shape)
-        torch.library.opcheck(bwd, (dy, u.detach(), weight.detach(), None), test_utils=utils)
-        with _dispatch.kernels("triton"):          # the Triton outputs match the fakes too
-            torch.library.opcheck(fwd, args, test_utils=("test_faketensor",))
-            torch.library.opcheck(bwd, (dy, *args), test_utils=("test_faketensor",))
+    u, weight, bias = make_inputs(op, 1, 10, 6, 3, True)
+    op_name = {"short_conv": "hyena_short_conv"}.get(name, f"{name}_gate")
+    fwd = getattr(torch.ops.graftfx, op_name).default
+    bwd = getattr(torch.ops.graftfx, f"{op_name}_bwd").default
+    dy = torch.randn(op.ref(u, weight, bias).shape)
+    with _dispatch.kernels(mode):
+        torch.library.opcheck(fwd, (u.clone().requires_grad_(), weight.clone().requires_grad_(),
+                                    bias.clone().requires_grad_()), test_utils=utils)
+        torch.library.opcheck(fwd, (u, weight, None), test_utils=utils)
+        torch.library.opcheck(bwd, (dy, u, weight, bias), test_utils=utils)
+        torch.library.opcheck(bwd, (dy, u, weight, None), test_utils=utils)
+    want = {op.fwd.__name__, op.bwd.__name__} if mode == "triton" else set()
+    assert set(calls) == want
 
 
-def test_compile_fullgraph_no_graph_breaks():
-    """The ops trace into one graph (fake kernels + autograd formulas), forward and backward."""
-    d, length = 8, 12
-    u = torch.randn(2, length, 3 * d, requires_grad=True)
+def test_compile_fullgraph_no_graph_breaks(monkeypatch):
+    """The ops trace into one graph (fake kernels + autograd formulas), forward and backward;
+    the compiled graph runs every launcher and matches the fp32 reference."""
+    launchers = [f for op in OPS.values() for f in (op.fwd, op.bwd)]
+    calls = record_calls(monkeypatch, *launchers)
+    d, length = 6, 13
+    u = torch.randn(1, length, 3 * d, requires_grad=True)
     wx, wy = torch.randn(3 * d, 4, requires_grad=True), torch.randn(d, 4, requires_grad=True)
     wm = torch.randn(length, 4, requires_grad=True)
+    inputs = (u, wx, wy, wm)
 
     def f(u, wx, wy, wm):
         y = hyena_x_gate(u, wx) + hyena_y_gate(u, wy) + mlp_hyena_x_gate(u, wm)
         return (y * short_conv(y, wy)).sum()
 
-    with _dispatch.kernels("reference"):
-        eager = torch.autograd.grad(f(u, wx, wy, wm), (u, wx, wy, wm))
+    def f_ref(u, wx, wy, wm):
+        y = naive.hyena_x(u, wx) + naive.hyena_y(u, wy) + naive.mlp_hyena_x(u, wm)
+        return (y * naive.causal_conv(y, wy)).sum()
+
+    torch._dynamo.reset()
+    with _dispatch.kernels("triton"):
         compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-        got = torch.autograd.grad(compiled(u, wx, wy, wm), (u, wx, wy, wm))
-    for label, g, r in zip(("du", "dwx", "dwy", "dwm"), got, eager):
+        loss = compiled(*inputs)
+        got = torch.autograd.grad(loss, inputs)
+    assert set(calls) == {f.__name__ for f in launchers}
+    loss_ref = f_ref(*inputs)
+    want = torch.autograd.grad(loss_ref, inputs)
+    assert_rel_close("loss", loss, loss_ref, 1e-5)
+    for label, g, r in zip(("du", "dwx", "dwy", "dwm"), got, want):
         assert_rel_close(label, g, r, 1e-5)
 
 

@@ -9,8 +9,9 @@ import torch
 from graftfx.kernels._dispatch import kernels
 from graftfx.kernels.linear_attn import (linear_attention, linear_attn_bwd, linear_attn_bwd_ref,
                                          linear_attn_fwd, linear_attn_op, linear_attn_ref)
+from graftfx.kernels.linear_attn import noncausal
 from graftfx.kernels.linear_attn.noncausal import linear_attn_bwd_op
-from graftfx.kernels.testing import TOL, assert_rel_close
+from graftfx.kernels.testing import OPCHECK_UTILS, TOL, assert_rel_close, record_calls
 
 # (B, H, L, Dk, Dv, feature_map). L=63: one ragged block; L=255: several blocks and L-chunks
 # (two-stage state reduction); Dk=60: padded head dim; Dv=100: two Dv tiles.
@@ -102,41 +103,79 @@ def _op_grads(q, k, v, do, feature_map):
     return o.detach(), torch.autograd.grad(o, leaves, do)
 
 
+def _record(monkeypatch):
+    """Calls of the two launchers from now on: which path the custom op took."""
+    return record_calls(monkeypatch, noncausal.linear_attn_fwd, noncausal.linear_attn_bwd)
+
+
+LAUNCHERS = ["linear_attn_fwd", "linear_attn_bwd"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,L,dk,dv,feature_map", [CASES[1], CASES[2]])
-def test_op_autograd_triton_path(B, H, L, dk, dv, feature_map, dtype):
+def test_op_autograd_triton_path(B, H, L, dk, dv, feature_map, dtype, monkeypatch):
+    calls = _record(monkeypatch)
     q, k, v, do = _inputs(B, H, L, dk, dv, dtype)
     o_ref, grads_ref = _reference(q, k, v, do, feature_map)
     with kernels("triton"):
         o, grads = _op_grads(q, k, v, do, feature_map)
+    assert calls == LAUNCHERS
     _check(o, grads, o_ref, grads_ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_op_autograd_reference_path(dtype):
+def test_op_autograd_reference_path(dtype, monkeypatch):
+    calls = _record(monkeypatch)
     q, k, v, do = _inputs(3, 2, 63, 60, 60, dtype)
     o_ref, grads_ref = _reference(q, k, v, do, "elu")
     with kernels("reference"):
         o, grads = _op_grads(q, k, v, do, "elu")
+    assert calls == []
     _check(o, grads, o_ref, grads_ref, dtype)
 
 
+def test_op_passes_eps_to_the_kernels(monkeypatch):
+    """A non-default eps through the public op on the Triton path. Small keys keep the
+    normaliser phi(q) . z near eps, so an eps dropped anywhere changes o and every gradient."""
+    calls = _record(monkeypatch)
+    q, k, v, do = _inputs(1, 2, 37, 12, 20, torch.float32)
+    k = k * 0.1
+    o_ref, grads_ref = _reference(q, k, v, do, "relu", eps=0.5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with kernels("triton"):
+        o = linear_attention(*leaves, feature_map="relu", eps=0.5)
+        grads = torch.autograd.grad(o, leaves, do)
+    assert calls == LAUNCHERS
+    _check(o, grads, o_ref, grads_ref, torch.float32)
+
+
 @pytest.mark.parametrize("mode", ["reference", "triton"])
-def test_opcheck(mode):
+def test_opcheck(mode, monkeypatch):
+    """Schema, fakes and autograd registration on the path named (in Triton mode the
+    interpreter runs the kernels inside every check), plus AOT dispatch on the reference."""
+    calls = _record(monkeypatch)
+    utils = OPCHECK_UTILS[mode]
     q, k, v, do = _inputs(1, 1, 63, 16, 16, torch.float32)
     with kernels(mode):
         torch.library.opcheck(linear_attn_op, (q.requires_grad_(), k.requires_grad_(),
-                                               v.requires_grad_(), "elu", 1e-6))
-        torch.library.opcheck(linear_attn_bwd_op, (do, q.detach(), k.detach(), v.detach(), "elu", 1e-6))
+                                               v.requires_grad_(), "elu", 1e-6), test_utils=utils)
+        torch.library.opcheck(linear_attn_bwd_op, (do, q.detach(), k.detach(), v.detach(), "elu", 1e-6),
+                              test_utils=utils)
+    assert set(calls) == (set(LAUNCHERS) if mode == "triton" else set())
 
 
-def test_compiles_without_graph_breaks():
+def test_compiles_without_graph_breaks(monkeypatch):
+    """One fullgraph trace, run on the Triton path and checked against the fp32 reference."""
+    calls = _record(monkeypatch)
     q, k, v, do = _inputs(1, 2, 63, 16, 16, torch.float32)
     fn = torch.compile(lambda q, k, v: linear_attention(q, k, v, "relu", 1e-6) * 2.0,
                        backend="aot_eager", fullgraph=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o = fn(*leaves)
-    grads = torch.autograd.grad(o, leaves, do)
+    torch._dynamo.reset()
+    with kernels("triton"):
+        o = fn(*leaves)
+        grads = torch.autograd.grad(o, leaves, do)
+    assert calls == LAUNCHERS
     o_ref, grads_ref = _reference(q, k, v, 2.0 * do, "relu")
     _check(o, grads, 2.0 * o_ref, grads_ref, torch.float32)
 

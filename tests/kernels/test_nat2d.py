@@ -13,7 +13,7 @@ from graftfx.kernels._dispatch import kernels
 from graftfx.kernels.nat2d import (fused, naive_nat2d, naive_nat2d_bwd, nat2d_bwd, nat2d_fwd,
                                    nat2d_mask, neighborhood_attention_2d)
 from graftfx.kernels.nat2d.fused import _sweep
-from graftfx.kernels.testing import TOL, assert_rel_close
+from graftfx.kernels.testing import OPCHECK_UTILS, TOL, assert_rel_close, record_calls
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
@@ -33,27 +33,16 @@ def _inputs(B, H, L, D, dtype):
     return [torch.randn(B, H, L, D).to(dtype) for _ in range(3)]
 
 
-def _reference(q, k, v, grid, ks, do, dlse):
+def _reference(q, k, v, grid, ks, do, dlse, scale=None):
     """fp32 reference outputs and autograd gradients on fp32 copies of the inputs."""
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    o, lse = naive_nat2d(qf, kf, vf, grid, ks)
+    o, lse = naive_nat2d(qf, kf, vf, grid, ks, scale)
     outs, grads = [o], [do.float()]
     if dlse is not None:
         outs.append(lse)
         grads.append(dlse)
     dq, dk, dv = torch.autograd.grad(outs, (qf, kf, vf), grads)
     return o.detach(), lse.detach(), dq, dk, dv
-
-
-def _spy(monkeypatch, module, names):
-    """Record calls to the launchers ``names``: which path the custom op took."""
-    calls = []
-    for name in names:
-        def wrapper(*args, _real=getattr(module, name), _name=name, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(module, name, wrapper)
-    return calls
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -124,45 +113,65 @@ def test_reference_backward_matches_autograd():
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,grid,D,ks", [
-    pytest.param(3, 1, (7, 9), 60, 5, id="B3-T63-7x9-H1-D60-k5"),
+@pytest.mark.parametrize("B,H,grid,D,ks,scale", [
+    # a custom scale: the op must hand it to both kernels (the launcher tests use the default)
+    pytest.param(3, 1, (7, 9), 60, 5, 0.3, id="B3-T63-7x9-H1-D60-k5-s0.3"),
 ])
-def test_custom_op_autograd(B, H, grid, D, ks, dtype, path, monkeypatch):
-    calls = _spy(monkeypatch, fused, ("nat2d_fwd", "nat2d_bwd"))
+def test_custom_op_autograd(B, H, grid, D, ks, scale, dtype, path, monkeypatch):
+    calls = record_calls(monkeypatch, fused.nat2d_fwd, fused.nat2d_bwd)
     L = grid[0] * grid[1]
     q, k, v = (t.requires_grad_() for t in _inputs(B, H, L, D, dtype))
     do, dlse = torch.randn(B, H, L, D).to(dtype), torch.randn(B, H, L)
     with kernels(path):
-        o, lse = neighborhood_attention_2d(q, k, v, grid, ks, return_lse=True)
+        o, lse = neighborhood_attention_2d(q, k, v, grid, ks, scale=scale, return_lse=True)
         dq, dk, dv = torch.autograd.grad((o, lse), (q, k, v), (do, dlse))
     assert calls == (["nat2d_fwd", "nat2d_bwd"] if path == "triton" else [])
-    ref = _reference(q, k, v, grid, ks, do, dlse)
+    ref = _reference(q, k, v, grid, ks, do, dlse, scale)
     for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, dq, dk, dv), ref):
+        assert got.dtype == (torch.float32 if name == "lse" else dtype), name
         assert_rel_close(name, got.float(), want, TOL[dtype])
 
 
-def test_opcheck():
-    q, k, v = _inputs(2, 2, 20, 8, torch.float32)
-    args = (4, 5, 3, 0.35)
-    torch.library.opcheck(torch.ops.graftfx.nat2d.default, (q, k, v, *args))
-    o, lse = torch.ops.graftfx.nat2d(q, k, v, *args)
-    do, dlse = torch.randn_like(o), torch.randn_like(lse)
-    torch.library.opcheck(torch.ops.graftfx.nat2d_bwd.default,
-                          (do, dlse, q, k, v, o, lse, *args))
-
-
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_opcheck(path, monkeypatch):
+    # Schema, fakes and autograd registration of both ops on the path named (in Triton mode
+    # the interpreter runs the kernels inside every check), plus AOT dispatch on the reference.
+    calls = record_calls(monkeypatch, fused.nat2d_fwd, fused.nat2d_bwd)
+    utils = OPCHECK_UTILS[path]
     q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 20, 8, torch.float32))
+    args = (4, 5, 3, 0.35)
+    with kernels(path):
+        torch.library.opcheck(torch.ops.graftfx.nat2d.default, (q, k, v, *args), test_utils=utils)
+        q, k, v = q.detach(), k.detach(), v.detach()
+        o, lse = torch.ops.graftfx.nat2d(q, k, v, *args)
+        do, dlse = torch.randn_like(o), torch.randn_like(lse)
+        torch.library.opcheck(torch.ops.graftfx.nat2d_bwd.default,
+                              (do, dlse, q, k, v, o, lse, *args), test_utils=utils)
+    assert ({"nat2d_fwd", "nat2d_bwd"} <= set(calls)) if path == "triton" else calls == []
+
+
+def test_compiles_without_graph_breaks(monkeypatch):
+    # One fullgraph trace, run on the Triton path and checked against the fp32 reference: the
+    # compiled graph must call the same op (and its backward op) as eager mode.
+    calls = record_calls(monkeypatch, fused.nat2d_fwd, fused.nat2d_bwd)
+    B, H, grid, D, ks = 1, 2, (5, 7), 12, 3
+    L = grid[0] * grid[1]
+    q, k, v = (t.requires_grad_() for t in _inputs(B, H, L, D, torch.float32))
+    w_o, w_lse = torch.randn(B, H, L, D), torch.randn(B, H, L)
 
     def f(q, k, v):
-        return neighborhood_attention_2d(q, k, v, (4, 5), 3).square().sum()
+        o, lse = neighborhood_attention_2d(q, k, v, grid, ks, return_lse=True)
+        return (o * w_o).sum() + (lse * w_lse).sum()
 
     torch._dynamo.reset()
-    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    with kernels("triton"):
+        loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+        grads = torch.autograd.grad(loss, (q, k, v))
+    assert calls == ["nat2d_fwd", "nat2d_bwd"]
+    o, lse, *want = _reference(q, k, v, grid, ks, w_o, w_lse)
+    assert_rel_close("loss", loss, (o * w_o).sum() + (lse * w_lse).sum(), TOL[torch.float32])
     for name, g, w in zip(("dq", "dk", "dv"), grads, want):
-        assert_rel_close(name, g, w, 1e-6)
+        assert_rel_close(name, g, w, TOL[torch.float32])
 
 
 def test_sweeps_are_local():

@@ -14,7 +14,7 @@ from graftfx.kernels.swa import (flash_attn_available, naive_swa, naive_swa_bwd,
                                  sliding_window_attention, swa_bwd, swa_fwd, swa_mask)
 from graftfx.kernels.swa import fused
 from graftfx.kernels.swa.fused import _n_iters
-from graftfx.kernels.testing import TOL, assert_rel_close
+from graftfx.kernels.testing import OPCHECK_UTILS, TOL, assert_rel_close, record_calls
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
@@ -31,27 +31,16 @@ def _inputs(B, H, L, D, dtype):
     return [torch.randn(B, H, L, D).to(dtype) for _ in range(3)]
 
 
-def _reference(q, k, v, window, do, dlse):
+def _reference(q, k, v, window, do, dlse, scale=None):
     """fp32 reference outputs and autograd gradients on fp32 copies of the inputs."""
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    o, lse = naive_swa(qf, kf, vf, window)
+    o, lse = naive_swa(qf, kf, vf, window, scale)
     outs, grads = [o], [do.float()]
     if dlse is not None:
         outs.append(lse)
         grads.append(dlse)
     dq, dk, dv = torch.autograd.grad(outs, (qf, kf, vf), grads)
     return o.detach(), lse.detach(), dq, dk, dv
-
-
-def _spy(monkeypatch, module, names):
-    """Record calls to the launchers ``names``: which path the custom op took."""
-    calls = []
-    for name in names:
-        def wrapper(*args, _real=getattr(module, name), _name=name, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(module, name, wrapper)
-    return calls
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,53 +96,79 @@ def test_mask_is_the_window():
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,L,D,window", [
-    pytest.param(3, 2, 63, 60, 4, id="B3-T63-H2-D60-w4"),
-    pytest.param(1, 1, 63, 16, 64, id="B1-T63-H1-D16-w64>L"),
+@pytest.mark.parametrize("B,H,L,D,window,scale", [
+    pytest.param(3, 2, 63, 60, 4, None, id="B3-T63-H2-D60-w4"),
+    # a custom scale: the op must hand it to both kernels (the launcher tests use the default)
+    pytest.param(1, 1, 63, 16, 64, 0.3, id="B1-T63-H1-D16-w64>L-s0.3"),
 ])
-def test_custom_op_autograd(B, H, L, D, window, dtype, path, monkeypatch):
-    calls = _spy(monkeypatch, fused, ("swa_fwd", "swa_bwd"))
+def test_custom_op_autograd(B, H, L, D, window, scale, dtype, path, monkeypatch):
+    calls = record_calls(monkeypatch, fused.swa_fwd, fused.swa_bwd)
     q, k, v = (t.requires_grad_() for t in _inputs(B, H, L, D, dtype))
     do, dlse = torch.randn(B, H, L, D).to(dtype), torch.randn(B, H, L)
     with kernels(path):
-        o, lse = sliding_window_attention(q, k, v, window, return_lse=True)
+        o, lse = sliding_window_attention(q, k, v, window, scale=scale, return_lse=True)
         dq, dk, dv = torch.autograd.grad((o, lse), (q, k, v), (do, dlse))
     assert calls == (["swa_fwd", "swa_bwd"] if path == "triton" else [])
-    ref = _reference(q, k, v, window, do, dlse)
+    ref = _reference(q, k, v, window, do, dlse, scale)
     for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, dq, dk, dv), ref):
         assert got.dtype == (torch.float32 if name == "lse" else dtype), name
         assert_rel_close(name, got.float(), want, TOL[dtype])
 
 
-def test_reference_backend_and_custom_scale():
-    q, k, v = _inputs(2, 2, 30, 8, torch.float32)
-    got = sliding_window_attention(q, k, v, window=3, scale=0.3)
-    want = sliding_window_attention(q, k, v, window=3, scale=0.3, backend="reference")
-    assert_rel_close("o", got, want, TOL[torch.float32])
-    assert_rel_close("o", want, naive_swa(q, k, v, 3, 0.3)[0], 1e-6)
+def test_reference_backend_is_plain_pytorch(monkeypatch):
+    # backend="reference" bypasses the custom op: no kernel runs even in Triton mode, and the
+    # result is the reference with its autograd (custom scale included).
+    calls = record_calls(monkeypatch, fused.swa_fwd, fused.swa_bwd)
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 2, 30, 8, torch.float32))
+    do = torch.randn(2, 2, 30, 8)
+    with kernels("triton"):
+        o, lse = sliding_window_attention(q, k, v, window=3, scale=0.3, backend="reference",
+                                          return_lse=True)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    assert calls == []
+    ref = _reference(q, k, v, 3, do, None, 0.3)
+    for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), ref):
+        assert_rel_close(name, got, want, 1e-6)
 
 
-def test_opcheck():
-    q, k, v = _inputs(2, 2, 20, 8, torch.float32)
-    torch.library.opcheck(torch.ops.graftfx.swa.default, (q, k, v, 3, 0.35))
-    o, lse = torch.ops.graftfx.swa(q, k, v, 3, 0.35)
-    do, dlse = torch.randn_like(o), torch.randn_like(lse)
-    torch.library.opcheck(torch.ops.graftfx.swa_bwd.default,
-                          (do, dlse, q, k, v, o, lse, 3, 0.35))
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_opcheck(path, monkeypatch):
+    # Schema, fakes and autograd registration of both ops on the path named (in Triton mode
+    # the interpreter runs the kernels inside every check), plus AOT dispatch on the reference.
+    calls = record_calls(monkeypatch, fused.swa_fwd, fused.swa_bwd)
+    utils = OPCHECK_UTILS[path]
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 20, 8, torch.float32))
+    with kernels(path):
+        torch.library.opcheck(torch.ops.graftfx.swa.default, (q, k, v, 3, 0.35), test_utils=utils)
+        o, lse = torch.ops.graftfx.swa(q.detach(), k.detach(), v.detach(), 3, 0.35)
+        do, dlse = torch.randn_like(o), torch.randn_like(lse)
+        torch.library.opcheck(torch.ops.graftfx.swa_bwd.default,
+                              (do, dlse, q.detach(), k.detach(), v.detach(), o, lse, 3, 0.35),
+                              test_utils=utils)
+    assert ({"swa_fwd", "swa_bwd"} <= set(calls)) if path == "triton" else calls == []
 
 
-def test_compiles_without_graph_breaks():
-    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 24, 8, torch.float32))
+def test_compiles_without_graph_breaks(monkeypatch):
+    # One fullgraph trace, run on the Triton path and checked against the fp32 reference: the
+    # compiled graph must call the same op (and its backward op) as eager mode.
+    calls = record_calls(monkeypatch, fused.swa_fwd, fused.swa_bwd)
+    B, H, L, D, window = 1, 2, 37, 12, 2
+    q, k, v = (t.requires_grad_() for t in _inputs(B, H, L, D, torch.float32))
+    w_o, w_lse = torch.randn(B, H, L, D), torch.randn(B, H, L)
 
     def f(q, k, v):
-        return sliding_window_attention(q, k, v, window=2).square().sum()
+        o, lse = sliding_window_attention(q, k, v, window=window, scale=0.4, return_lse=True)
+        return (o * w_o).sum() + (lse * w_lse).sum()
 
     torch._dynamo.reset()
-    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    with kernels("triton"):
+        loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+        grads = torch.autograd.grad(loss, (q, k, v))
+    assert calls == ["swa_fwd", "swa_bwd"]
+    o, lse, *want = _reference(q, k, v, window, w_o, w_lse, 0.4)
+    assert_rel_close("loss", loss, (o * w_o).sum() + (lse * w_lse).sum(), TOL[torch.float32])
     for name, g, w in zip(("dq", "dk", "dv"), grads, want):
-        assert_rel_close(name, g, w, 1e-6)
+        assert_rel_close(name, g, w, TOL[torch.float32])
 
 
 def test_block_skipping_trip_count():
