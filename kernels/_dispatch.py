@@ -26,7 +26,28 @@ def kernel_mode() -> str:
 
 
 def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    The one key for every interpreter-only workaround in the kernels (fp32 operands for the
+    interpreter's bf16 ``tl.dot``, one small autotune config, CPU-sized tiles): ``@triton.jit``
+    reads the same variable when a kernel module is imported, so this is exactly when the
+    kernels are interpreted, whatever device a tensor is on.
+    """
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_device(t: torch.Tensor):
+    """Context for a launch on ``t``'s GPU: Triton launches on the *current* CUDA device (and
+    its current stream), which need not be the tensor's. A no-op off CUDA."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill: the GPU's own count; 4 under the interpreter (a few
+    programs, so multi-program paths are exercised); 132 (H100/H200 SXM) for a static compile."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 if interpreting() else 132
 
 
 def use_triton(t: torch.Tensor) -> bool:

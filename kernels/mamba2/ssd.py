@@ -350,7 +350,7 @@ def ssd_bwd(dy, x, dt, A, B, C, D, chunk_size: int = 64):
 # ----------------------------------------------------------------------------- custom op
 
 def _reference_fwd(x, dt, A, B, C, D, chunk_size):
-    return ssd_chunked(x, dt, A, B, C, D, chunk_size).to(x.dtype)
+    return ssd_chunked(x, dt, A, B, C, D, chunk_size).to(x.dtype).contiguous()
 
 
 def _reference_bwd(dy, x, dt, A, B, C, D, chunk_size):
@@ -370,7 +370,7 @@ def _ssd_scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 @_ssd_scan_op.register_fake
 def _(x, dt, A, B, C, D, chunk_size):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("graftfx::ssd_scan_bwd", mutates_args=())

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from .._attention import LOG2E as _LOG2E
-from .._attention import bwd_delta_kernel, dot as _dot, launch_cfg as _launch_cfg
+from .._attention import align as _align, delta as _delta, dot as _dot, launch_cfg as _launch_cfg
 from .._attention import strides as _strides, unit_last as _unit_last
-from .._dispatch import use_triton
+from .._dispatch import on_device, use_triton
 from .naive import naive_nat2d, naive_nat2d_bwd
 
 
@@ -55,10 +55,15 @@ def _inv_last(pos, size, KS):
 @triton.jit
 def _nat2d_fwd_kernel(Q, K, V, O, LSE,
                       sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                      NH, GH, GW, D, KS, qk_scale,
+                      NH, GH, GW, KS, qk_scale,
+                      HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       N_ROWS: tl.constexpr, N_COLS: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    sqb, sqh, sql = sqb * ALIGN, sqh * ALIGN, sql * ALIGN     # strides in units of ALIGN
+    skb, skh, skl = skb * ALIGN, skh * ALIGN, skl * ALIGN     # (see _attention.align)
+    svb, svh, svl = svb * ALIGN, svh * ALIGN, svl * ALIGN
+    sob, soh, sol = sob * ALIGN, soh * ALIGN, sol * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NH).to(tl.int64)  # 64-bit base offsets: B*H*L*D may pass 2**31
@@ -69,7 +74,7 @@ def _nat2d_fwd_kernel(Q, K, V, O, LSE,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
     # Each query's window: rows si .. si + kr_n - 1, columns sj .. sj + kc_n - 1.
     si = _win_start(offs_m // GW, GH, KS)
     sj = _win_start(offs_m % GW, GW, KS)
@@ -126,11 +131,16 @@ def _nat2d_fwd_kernel(Q, K, V, O, LSE,
 @triton.jit
 def _nat2d_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-                           NH, GH, GW, D, KS, sm_scale, qk_scale,
+                           NH, GH, GW, KS, sm_scale, qk_scale,
+                           HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            N_ROWS: tl.constexpr, N_COLS: tl.constexpr,
                            PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # A program owns BLOCK_N keys and sweeps the queries whose window holds one of them.
+    sqb, sqh, sql = sqb * ALIGN, sqh * ALIGN, sql * ALIGN     # strides in units of ALIGN
+    skb, skh, skl = skb * ALIGN, skh * ALIGN, skl * ALIGN     # (see _attention.align)
+    svb, svh, svl = svb * ALIGN, svh * ALIGN, svl * ALIGN
+    sdb, sdh, sdl = sdb * ALIGN, sdh * ALIGN, sdl * ALIGN
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NH).to(tl.int64)
@@ -141,7 +151,7 @@ def _nat2d_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < L
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
     kv_mask = n_ok[:, None] & d_ok[None, :]
     ka = offs_n // GW
     kb = offs_n % GW
@@ -191,20 +201,25 @@ def _nat2d_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                 dk += _dot(dst.to(q.dtype), q, PRECISION, UPCAST)
 
     dk = dk * sm_scale
-    tl.store(DK + bh * L * D + offs_n[:, None] * D + offs_d[None, :],
+    tl.store(DK + bh * L * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + bh * L * D + offs_n[:, None] * D + offs_d[None, :],
+    tl.store(DV + bh * L * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _nat2d_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-                         NH, GH, GW, D, KS, sm_scale, qk_scale,
+                         NH, GH, GW, KS, sm_scale, qk_scale,
+                         HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          N_ROWS: tl.constexpr, N_COLS: tl.constexpr,
                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # A program owns BLOCK_M queries and sweeps the key tiles of their windows, as the forward.
+    sqb, sqh, sql = sqb * ALIGN, sqh * ALIGN, sql * ALIGN     # strides in units of ALIGN
+    skb, skh, skl = skb * ALIGN, skh * ALIGN, skl * ALIGN     # (see _attention.align)
+    svb, svh, svl = svb * ALIGN, svh * ALIGN, svl * ALIGN
+    sdb, sdh, sdl = sdb * ALIGN, sdh * ALIGN, sdl * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NH).to(tl.int64)
@@ -215,7 +230,7 @@ def _nat2d_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
     q_mask = m_ok[:, None] & d_ok[None, :]
     si = _win_start(offs_m // GW, GH, KS)
     sj = _win_start(offs_m % GW, GW, KS)
@@ -260,7 +275,7 @@ def _nat2d_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                 dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
 
     dq = dq * sm_scale
-    tl.store(DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :],
+    tl.store(DQ + bh * L * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -327,14 +342,17 @@ def nat2d_fwd(q, k, v, grid: tuple[int, int], kernel_size: int, scale: float | N
     scale = D ** -0.5 if scale is None else float(scale)
     bm, bn = _blocks(gw, kernel_size, block_m, block_n)
     n_rows, n_cols = _sweep(gh, gw, kernel_size, bm, bn, False)
-    block_d, precision, num_warps, upcast = _launch_cfg(q.dtype, q.device, D)
+    block_d, precision, upcast = _launch_cfg(q.dtype, D)
+    num_warps = 8 if block_d >= 128 else 4
     o = torch.empty((B, NH, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, NH, L), dtype=torch.float32, device=q.device)
-    _nat2d_fwd_kernel[(triton.cdiv(L, bm), B * NH)](
-        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        NH, gh, gw, D, kernel_size, scale * _LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, N_ROWS=n_rows, N_COLS=n_cols,
-        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+    a = _align(q, k, v, o)
+    with on_device(q):
+        _nat2d_fwd_kernel[(triton.cdiv(L, bm), B * NH)](
+            q, k, v, o, lse, *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(o, a),
+            NH, gh, gw, kernel_size, scale * _LOG2E, HEAD_DIM=D, ALIGN=a,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, N_ROWS=n_rows, N_COLS=n_cols,
+            PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
     return o, lse
 
 
@@ -347,30 +365,28 @@ def nat2d_bwd(do, q, k, v, o, lse, grid: tuple[int, int], kernel_size: int,
     gh, gw = grid
     scale = D ** -0.5 if scale is None else float(scale)
     bm, bn = _blocks(gw, kernel_size, block_m, block_n)
-    block_d, precision, num_warps, upcast = _launch_cfg(q.dtype, q.device, D)
+    block_d, precision, upcast = _launch_cfg(q.dtype, D)
+    num_warps = 8 if block_d >= 128 else 4
     lse = lse.float().contiguous()
-    delta = torch.empty((B, NH, L), dtype=torch.float32, device=q.device)
-    dlse_arg = dlse.float().contiguous() if dlse is not None else delta
-    bwd_delta_kernel[(triton.cdiv(L, bm), B * NH)](
-        o, do, dlse_arg, delta, *_strides(o), *_strides(do), NH, L, D,
-        BLOCK_M=bm, BLOCK_D=block_d, HAS_DLSE=dlse is not None, num_warps=4)
-
     dq = torch.empty((B, NH, L, D), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do),
-              NH, gh, gw, D, kernel_size, scale, scale * _LOG2E)
-    # dk/dv: programs own key blocks of the outer size, sweeping query chunks of the inner.
-    rows, cols = _sweep(gh, gw, kernel_size, bm, bn, True)
-    _nat2d_bwd_dkdv_kernel[(triton.cdiv(L, bm), B * NH)](
-        q, k, v, do, lse, delta, dk, dv, *common,
-        BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=block_d, N_ROWS=rows, N_COLS=cols,
-        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
-    rows, cols = _sweep(gh, gw, kernel_size, bm, bn, False)
-    _nat2d_bwd_dq_kernel[(triton.cdiv(L, bm), B * NH)](
-        q, k, v, do, lse, delta, dq, *common,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, N_ROWS=rows, N_COLS=cols,
-        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+    a = _align(q, k, v, do)
+    common = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a),
+              NH, gh, gw, kernel_size, scale, scale * _LOG2E)
+    meta = dict(HEAD_DIM=D, ALIGN=a, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
+                num_warps=num_warps, num_stages=2)
+    with on_device(q):
+        delta = _delta(o, do, dlse, bm)
+        # dk/dv: programs own key blocks of the outer size, sweeping query chunks of the inner.
+        rows, cols = _sweep(gh, gw, kernel_size, bm, bn, True)
+        _nat2d_bwd_dkdv_kernel[(triton.cdiv(L, bm), B * NH)](
+            q, k, v, do, lse, delta, dk, dv, *common,
+            BLOCK_M=bn, BLOCK_N=bm, N_ROWS=rows, N_COLS=cols, **meta)
+        rows, cols = _sweep(gh, gw, kernel_size, bm, bn, False)
+        _nat2d_bwd_dq_kernel[(triton.cdiv(L, bm), B * NH)](
+            q, k, v, do, lse, delta, dq, *common,
+            BLOCK_M=bm, BLOCK_N=bn, N_ROWS=rows, N_COLS=cols, **meta)
     return dq, dk, dv
 
 

@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from .._attention import LOG2E as _LOG2E
-from .._attention import bwd_delta_kernel, dot as _dot, launch_cfg as _launch_cfg
+from .._attention import align as _align, delta as _delta, dot as _dot, launch_cfg as _launch_cfg
 from .._attention import strides as _strides, unit_last as _unit_last
-from .._dispatch import optional_backend, use_triton
+from .._dispatch import interpreting, on_device, optional_backend, use_triton
 from .naive import naive_swa, naive_swa_bwd
 
 BACKENDS = ("triton", "flash_attn", "reference")
@@ -40,9 +40,16 @@ def _first_block(start, WINDOW, L, BLOCK: tl.constexpr, N_ITERS: tl.constexpr):
 @triton.jit
 def _swa_fwd_kernel(Q, K, V, O, LSE,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                    H, L, D, WINDOW, qk_scale,
+                    H, L, WINDOW, qk_scale,
+                    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     N_ITERS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Strides arrive in units of ALIGN: multiplied back by the constexpr, the compiler knows
+    # every row starts 16-byte aligned (128-bit loads at head dim 72 too).
+    sqb, sqh, sql = sqb * ALIGN, sqh * ALIGN, sql * ALIGN
+    skb, skh, skl = skb * ALIGN, skh * ALIGN, skl * ALIGN
+    svb, svh, svl = svb * ALIGN, svh * ALIGN, svl * ALIGN
+    sob, soh, sol = sob * ALIGN, soh * ALIGN, sol * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # 64-bit base offsets: B*H*L*D may pass 2**31
@@ -52,7 +59,7 @@ def _swa_fwd_kernel(Q, K, V, O, LSE,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
 
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -96,10 +103,16 @@ def _swa_fwd_kernel(Q, K, V, O, LSE,
 @triton.jit
 def _swa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-                         H, L, D, WINDOW, sm_scale, qk_scale,
+                         H, L, WINDOW, sm_scale, qk_scale,
+                         HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          N_ITERS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # One program owns a key block and sweeps the query blocks whose window reaches it.
+    # One program owns a key block (BLOCK_N) and sweeps the query blocks (BLOCK_M) whose
+    # window reaches it.
+    sqb, sqh, sql = sqb * ALIGN, sqh * ALIGN, sql * ALIGN
+    skb, skh, skl = skb * ALIGN, skh * ALIGN, skl * ALIGN
+    svb, svh, svl = svb * ALIGN, svh * ALIGN, svl * ALIGN
+    sdb, sdh, sdl = sdb * ALIGN, sdh * ALIGN, sdl * ALIGN
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -109,7 +122,7 @@ def _swa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < L
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
     kv_mask = n_ok[:, None] & d_ok[None, :]
 
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :],
@@ -142,19 +155,23 @@ def _swa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         dk += _dot(dst.to(q.dtype), q, PRECISION, UPCAST)
 
     dk = dk * sm_scale
-    tl.store(DK + bh * L * D + offs_n[:, None] * D + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + bh * L * D + offs_n[:, None] * D + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    out = bh * L * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-                       H, L, D, WINDOW, sm_scale, qk_scale,
+                       H, L, WINDOW, sm_scale, qk_scale,
+                       HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        N_ITERS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # One program owns a query block and sweeps the key blocks inside its window.
+    sqb, sqh, sql = sqb * ALIGN, sqh * ALIGN, sql * ALIGN
+    skb, skh, skl = skb * ALIGN, skh * ALIGN, skl * ALIGN
+    svb, svh, svl = svb * ALIGN, svh * ALIGN, svl * ALIGN
+    sdb, sdh, sdl = sdb * ALIGN, sdh * ALIGN, sdl * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -164,7 +181,7 @@ def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
     q_mask = m_ok[:, None] & d_ok[None, :]
 
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
@@ -193,16 +210,20 @@ def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
 
     dq = dq * sm_scale
-    tl.store(DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :],
+    tl.store(DQ + bh * L * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
+def _inner_block(window: int) -> int:
+    """The swept block: small windows sweep small blocks so that little work is masked away."""
+    return 16 if window <= 16 else 32 if window <= 64 else 64
+
+
 def _blocks(window: int, block_m: int | None, block_n: int | None) -> tuple[int, int]:
-    """(outer, inner) block sizes. The outer block is what a program owns; the inner block
-    is what it sweeps. Small windows sweep small blocks so that little work is masked away."""
-    inner = 16 if window <= 16 else 32 if window <= 64 else 64
-    outer, inner = block_m or 64, block_n or inner
+    """(outer, inner) block sizes given explicitly (either may be None: the default). The
+    outer block is what a program owns; the inner block is what it sweeps."""
+    outer, inner = block_m or 64, block_n or _inner_block(window)
     for name, val in (("block_m", outer), ("block_n", inner)):
         if val < 16 or val & (val - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {val}")
@@ -215,23 +236,81 @@ def _n_iters(length: int, window: int, outer: int, inner: int) -> int:
     return min(triton.cdiv(length, inner), (outer - 1 + 2 * window) // inner + 2)
 
 
+# Autotuned launch configurations: the owned (outer) block, warps and pipeline stages; the swept
+# (inner) block follows the window. ``_fits`` keeps the configs whose owned tiles stay within
+# 128 bytes per thread (64 owned rows at most in fp32): every config it keeps compiles without
+# spills for sm_90 at head dims 64 and 72, bf16 and fp32 (benchmarks/kernel_static.py, checked by
+# tests/kernels/test_static.py). Under the interpreter there is one small config: CPU runs never
+# benchmark.
+def _fits(configs, named_args, **kwargs):
+    elem = named_args["Q"].element_size()
+    keep = [c for c in configs
+            if c.kwargs[c.owned] * kwargs["BLOCK_D"] * elem <= 128 * 32 * c.num_warps
+            and (elem < 4 or c.kwargs[c.owned] <= 64)]
+    return keep or configs[-1:]
+
+
+def _tuned(kernel, outer: str, inner: str, configs):
+    """``kernel`` autotuned over ``configs`` ((owned block ``outer``, warps, stages)), keyed on
+    (L, WINDOW, HEAD_DIM) and the dtypes, with the swept block and trip count derived."""
+    if interpreting():
+        configs = configs[:1]
+    heur = triton.heuristics({
+        inner: lambda a: _inner_block(a["WINDOW"]),
+        "N_ITERS": lambda a: _n_iters(a["L"], a["WINDOW"], a[outer], a[inner]),
+    })(kernel)
+    cfgs = []
+    for block, warps, stages in configs:
+        c = triton.Config({outer: block}, num_warps=warps, num_stages=stages)
+        c.owned = outer
+        cfgs.append(c)
+    return triton.autotune(cfgs, key=["L", "WINDOW", "HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": _fits})(heur)
+
+
+# (owned block, warps, stages); the last one fits everything
+_FWD_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 2), (32, 4, 2)]
+_BWD_CONFIGS = [(64, 8, 2), (64, 4, 2), (128, 8, 2), (32, 4, 2)]
+_swa_fwd_tuned = _tuned(_swa_fwd_kernel, "BLOCK_M", "BLOCK_N", _FWD_CONFIGS)
+_swa_bwd_dkdv_tuned = _tuned(_swa_bwd_dkdv_kernel, "BLOCK_N", "BLOCK_M", _BWD_CONFIGS)
+_swa_bwd_dq_tuned = _tuned(_swa_bwd_dq_kernel, "BLOCK_M", "BLOCK_N", _BWD_CONFIGS)
+
+
+def _launch(tuned, kernel, grid_block: str, L: int, window: int, explicit, args, meta):
+    """Launch ``tuned`` (autotuned), or ``kernel`` with the explicit (owned, swept) blocks."""
+    programs = meta.pop("_programs")
+    if explicit is None:
+        tuned[lambda m: (triton.cdiv(L, m[grid_block]), programs)](*args, **meta)
+        return
+    owned, swept = explicit
+    other = "BLOCK_N" if grid_block == "BLOCK_M" else "BLOCK_M"
+    kernel[(triton.cdiv(L, owned), programs)](
+        *args, **meta, **{grid_block: owned, other: swept},
+        N_ITERS=_n_iters(L, window, owned, swept), num_warps=8 if meta["BLOCK_D"] >= 128 else 4,
+        num_stages=2)
+
+
 def swa_fwd(q, k, v, window: int, scale: float | None = None,
             block_m: int | None = None, block_n: int | None = None):
-    """q, k, v: (B, H, L, Dh) -> (o (B, H, L, Dh) in q.dtype, lse (B, H, L) fp32, natural log)."""
+    """q, k, v: (B, H, L, Dh) -> (o (B, H, L, Dh) in q.dtype, lse (B, H, L) fp32, natural log).
+
+    Block sizes are autotuned unless ``block_m`` (queries a program owns) or ``block_n`` (keys
+    it sweeps per step) is given."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, L, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     window = min(int(window), L)  # beyond L nothing changes; keeps the index math in int32
-    bm, bn = _blocks(window, block_m, block_n)
-    block_d, precision, num_warps, upcast = _launch_cfg(q.dtype, q.device, D)
+    explicit = _blocks(window, block_m, block_n) if block_m or block_n else None
+    block_d, precision, upcast = _launch_cfg(q.dtype, D)
     o = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(L, bm), B * H)
-    _swa_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v),
-                          *_strides(o), H, L, D, window, scale * _LOG2E,
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-                          N_ITERS=_n_iters(L, window, bm, bn), PRECISION=precision,
-                          UPCAST=upcast, num_warps=num_warps, num_stages=2)
+    a = _align(q, k, v, o)
+    args = (q, k, v, o, lse, *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(o, a),
+            H, L, window, scale * _LOG2E)
+    meta = dict(HEAD_DIM=D, ALIGN=a, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
+                _programs=B * H)
+    with on_device(q):
+        _launch(_swa_fwd_tuned, _swa_fwd_kernel, "BLOCK_M", L, window, explicit, args, meta)
     return o, lse
 
 
@@ -239,36 +318,31 @@ def swa_bwd(do, q, k, v, o, lse, window: int, scale: float | None = None, dlse=N
             block_m: int | None = None, block_n: int | None = None):
     """Gradients (dq, dk, dv), each (B, H, L, Dh) in q.dtype, of ``swa_fwd``'s outputs.
 
-    ``dlse`` (B, H, L), optional, is the gradient reaching the logsumexp output.
+    ``dlse`` (B, H, L), optional, is the gradient reaching the logsumexp output. Block sizes
+    are autotuned unless given: ``block_m`` is the block a program owns (queries for dq, keys
+    for dk/dv), ``block_n`` the block it sweeps per step.
     """
     q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
     B, H, L, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     window = min(int(window), L)
-    bm, bn = _blocks(window, block_m, block_n)
-    block_d, precision, num_warps, upcast = _launch_cfg(q.dtype, q.device, D)
+    explicit = _blocks(window, block_m, block_n) if block_m or block_n else None
+    block_d, precision, upcast = _launch_cfg(q.dtype, D)
     lse = lse.float().contiguous()
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    dlse_arg = dlse.float().contiguous() if dlse is not None else delta
-    bwd_delta_kernel[(triton.cdiv(L, bm), B * H)](
-        o, do, dlse_arg, delta, *_strides(o), *_strides(do), H, L, D,
-        BLOCK_M=bm, BLOCK_D=block_d, HAS_DLSE=dlse is not None, num_warps=4)
-
     dq = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do),
-              H, L, D, window, scale, scale * _LOG2E)
-    n_iters = _n_iters(L, window, bm, bn)
-    # dk/dv: programs own key blocks (outer) and sweep query blocks (inner).
-    _swa_bwd_dkdv_kernel[(triton.cdiv(L, bm), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *common,
-        BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=block_d, N_ITERS=n_iters,
-        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
-    _swa_bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
-        q, k, v, do, lse, delta, dq, *common,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, N_ITERS=n_iters,
-        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+    a = _align(q, k, v, do, dq)
+    common = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a),
+              H, L, window, scale, scale * _LOG2E)
+    meta = dict(HEAD_DIM=D, ALIGN=a, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
+    with on_device(q):
+        delta = _delta(o, do, dlse)
+        # dk/dv: programs own key blocks (BLOCK_N) and sweep query blocks (BLOCK_M).
+        _launch(_swa_bwd_dkdv_tuned, _swa_bwd_dkdv_kernel, "BLOCK_N", L, window,
+                explicit, (q, k, v, do, lse, delta, dk, dv, *common), {**meta, "_programs": B * H})
+        _launch(_swa_bwd_dq_tuned, _swa_bwd_dq_kernel, "BLOCK_M", L, window,
+                explicit, (q, k, v, do, lse, delta, dq, *common), {**meta, "_programs": B * H})
     return dq, dk, dv
 
 

@@ -226,12 +226,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import graftfx
+from graftfx.kernels import _attention
 from graftfx.kernels.{op} import fused
 
 FLOATS = ("qk_scale", "sm_scale")
 TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 for name, consts, warps in {specs}:
-    fn = getattr(fused, name)
+    fn = getattr(fused, name, None) or getattr(_attention, name)
     sig = {{a: "constexpr" if a in consts else "fp32" if a in FLOATS else
            "*fp32" if a in ("LSE", "DLSE", "DELTA") else "*bf16" if a in TENSORS else "i32"
            for a in fn.arg_names}}
@@ -255,10 +256,10 @@ def _compile_for_h100(op: str, specs: list) -> None:
 
 
 def test_kernels_compile_for_h100():
-    blocks = dict(BLOCK_D=128, PRECISION="tf32", UPCAST=False)
+    blocks = dict(BLOCK_D=128, HEAD_DIM=72, ALIGN=8, PRECISION="tf32", UPCAST=False)
     _compile_for_h100("swa", [
         ("_swa_fwd_kernel", dict(BLOCK_M=64, BLOCK_N=16, N_ITERS=6, **blocks), 8),
-        ("bwd_delta_kernel", dict(BLOCK_M=64, BLOCK_D=128, HAS_DLSE=True), 4),
+        ("bwd_delta_kernel", dict(BLOCK_M=64, BLOCK_D=128, HEAD_DIM=72, ALIGN=8, HAS_DLSE=True), 4),
         ("_swa_bwd_dkdv_kernel", dict(BLOCK_M=16, BLOCK_N=64, N_ITERS=6, **blocks), 8),
         ("_swa_bwd_dq_kernel", dict(BLOCK_M=64, BLOCK_N=16, N_ITERS=6, **blocks), 8),
     ])
