@@ -22,6 +22,54 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def out_folder(value, flag: str = "--out"):
+    """An output folder argument: not empty (which would write into the working folder), not an
+    existing file, and not under one. Returns it as a Path (created later, by the writer)."""
+    from pathlib import Path
+
+    if value is None:
+        return None
+    if not str(value).strip():
+        raise GraftError(f"{flag} is empty; give an output folder (an empty path would write into the current one)")
+    path = Path(value)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise GraftError(f"{flag} {value}: {p} is a file, not a folder; give a folder path")
+    return path
+
+
+def out_file(value, flag: str):
+    """An output file argument: a name, in a folder that is not a file."""
+    from pathlib import Path
+
+    if not str(value).strip():
+        raise GraftError(f"{flag} is empty; give a file name")
+    path = Path(value)
+    if path.is_dir():
+        raise GraftError(f"{flag} {value} is a folder; give a file name")
+    for p in path.parents:
+        if p.exists() and not p.is_dir():
+            raise GraftError(f"{flag} {value}: {p} is a file, not a folder")
+    return path
+
+
+def check_number(flag: str, value, *, lo=None, hi=None, integer: bool = False, low_open: bool = False) -> None:
+    """A numeric argument in range (finite; ``lo`` inclusive unless ``low_open``): else a GraftError
+    naming the flag and the range."""
+    import math
+
+    ok = value is not None and (isinstance(value, int) or math.isfinite(value))
+    if ok and lo is not None:
+        ok = value > lo if low_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        span = (f" > {lo}" if low_open else f" >= {lo}") if lo is not None else ""
+        span += f" and <= {hi}" if hi is not None else ""
+        raise GraftError(f"{flag} {value}: must be {kind}{span}")
+
+
 def command(name: str, help: str, description: str):
     def wrap(fn):
         COMMANDS[name] = (fn, help, description)
@@ -49,8 +97,11 @@ def _model_args(p: argparse.ArgumentParser, rules_required: bool = False) -> Non
 def cmd_inspect(args) -> int:
     from graftfx.inspect import inspect
 
+    out_folder(args.out)
     rules = _rules(args.rules)              # cheap checks (the rule file) before the trace
     model, ex_args, ex_kwargs = _load(args)
+    if rules is not None and not all(t.is_meta for t in model.parameters()):
+        _preflight(model, rules, ex_args, ex_kwargs)   # a real model: refuse huge operators before building
     report = inspect(model, rules, ex_args, ex_kwargs, name=args.model, render=args.out is not None)
     print(report.text())
     if args.out:
@@ -109,6 +160,13 @@ def cmd_rules(args) -> int:
         opts = ", ".join(spec.option_names()) or "-"
         print(f"  {name:18s} replaces {'/'.join(spec.kinds):28s} loss {spec.loss:5s} options: {opts}")
     return 0
+
+
+def _preflight(model, rules, ex_args, ex_kwargs) -> None:
+    from graftfx.api import plan
+    from graftfx.export import preflight
+
+    preflight(plan(model, rules, ex_args, ex_kwargs))
 
 
 def _rules(path):

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graftfx.errors import GraftError
+from graftfx.errors import GraftError, first_line
 
 from .registry import LOSSES, OPERATORS, get_operator, get_pattern, register_operator
 
@@ -61,18 +61,25 @@ class Select:
     exclude: list[str] | None = None
 
     def __post_init__(self):
-        if self.preset is not None and self.preset not in PRESETS:
+        # Types are checked strictly (TOML has them): true is not 1, "0" is not false, 1 is not a path.
+        if self.preset is not None and (not isinstance(self.preset, str) or self.preset not in PRESETS):
             raise ValueError(f"select.preset {self.preset!r} is not one of {', '.join(PRESETS)}")
-        if self.fraction is not None and not (0 < float(self.fraction) <= 1):
-            raise ValueError(f"select.fraction must be in (0, 1], got {self.fraction}")
-        if self.offset not in (0, 1):
-            raise ValueError(f"select.offset must be 0 or 1, got {self.offset}")
+        if self.fraction is not None and not (_is_number(self.fraction) and 0 < self.fraction <= 1):
+            raise ValueError(f"select.fraction must be a number in (0, 1], got {self.fraction!r}")
+        if not isinstance(self.every_other, bool):
+            raise ValueError(f"select.every_other must be true or false, got {self.every_other!r}")
+        if not _is_int(self.offset) or self.offset not in (0, 1):
+            raise ValueError(f"select.offset must be the integer 0 or 1, got {self.offset!r}")
         for key in ("indices", "paths", "exclude"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, (list, tuple)):
                 raise ValueError(f"select.{key} must be a list, got {value!r}")
-        if self.indices is not None and not all(isinstance(i, int) for i in self.indices):
-            raise ValueError(f"select.indices must be integers, got {self.indices}")
+        if self.indices is not None and not all(_is_int(i) for i in self.indices):
+            raise ValueError(f"select.indices must be a list of integers, got {self.indices!r}")
+        for key in ("paths", "exclude"):
+            value = getattr(self, key)
+            if value is not None and not all(isinstance(g, str) for g in value):
+                raise ValueError(f"select.{key} must be a list of module-path globs (strings), got {value!r}")
 
     @property
     def by_index(self) -> bool:
@@ -131,11 +138,23 @@ class Rule:
     source: str = ""               # where the rule was written: "rules.toml: rule 2", for errors
 
     def __post_init__(self):
+        for key in ("pattern", "operator"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a string (a registered name), got {getattr(self, key)!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {self.name!r}")
         if isinstance(self.select, dict):
+            unknown = [k for k in self.select if k not in _SELECT_KEYS]
+            if unknown:
+                raise ValueError(f"unknown select key {unknown[0]!r}; valid keys: {', '.join(_SELECT_KEYS)}")
             self.select = Select(**self.select)
+        if not isinstance(self.select, Select):
+            raise ValueError(f"select must be a table, e.g. select = {{ preset = \"paper-50\" }}, got {self.select!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a table, got {self.options!r}")
         if not self.name:
             self.name = f"{self.pattern}->{self.operator}"
-        if self.loss is not None and self.loss not in LOSSES:
+        if self.loss is not None and (not isinstance(self.loss, str) or self.loss not in LOSSES):
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
 
     @property
@@ -163,7 +182,7 @@ class Rule:
 
     def to_dict(self) -> dict:
         sel = {k: v for k, v in dataclasses.asdict(self.select).items()
-               if v not in (None, False) and not (k == "offset" and v == 1)}
+               if v is not None and v is not False and not (k == "offset" and v == 1)}
         out = {"name": self.name, "pattern": self.pattern, "operator": self.operator, "select": sel,
                "options": dict(self.options)}
         if self.loss:
@@ -202,7 +221,11 @@ def load_rules(source, *, allow_imports: bool = False) -> RuleSet:
                 raise GraftError(f"rule {i} is a {type(r).__name__}, not a graftfx Rule")
             r.validate(allow_imports)
         return RuleSet(rules)
+    if not isinstance(source, (str, Path)) or not str(source).strip():
+        raise GraftError(f"the rule file path is empty ({source!r}); give a TOML rule file or a bundled one's name")
     path = Path(source)
+    if path.is_dir():
+        raise GraftError(f"rule file {source} is a folder; give a TOML rule file")
     if not path.is_file():
         near = builtin_rule_files()
         if path.name in near:
@@ -211,47 +234,93 @@ def load_rules(source, *, allow_imports: bool = False) -> RuleSet:
             hint = difflib.get_close_matches(path.name, near, n=1)
             raise GraftError(f"rule file {source} not found" + (f" (did you mean {hint[0]}?)" if hint else
                              f"; bundled rule files: {', '.join(sorted(near)) or 'none'}"))
+    return parse_rules(read_toml(path, "rule file"), str(path), allow_imports=allow_imports)
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """A small TOML file, parsed and bounded (``graftfx.limits``): size, encoding, syntax, nesting,
+    string, list and integer sizes are each a one-line GraftError naming the file."""
+    from graftfx.limits import MAX_TOML_BYTES, check_toml_shape
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_TOML_BYTES:
+        raise GraftError(f"{path}: {size:,} bytes is more than a {what} may hold ({MAX_TOML_BYTES:,}); is it the "
+                         "right file?")
+    raw = path.read_bytes()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise GraftError(f"{path}: not a text file (not UTF-8); a rule file is TOML text") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GraftError(f"{path}: not a text file (byte {e.start} is not UTF-8); a {what} is TOML text") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise GraftError(f"{path}: not valid TOML: {e}") from None
-    return parse_rules(data, str(path), allow_imports=allow_imports)
+        raise GraftError(f"{path}: not valid TOML: {first_line(e)}") from None
+    except RecursionError:
+        raise GraftError(f"{path}: not valid TOML here: nested far too deeply; a {what} is flat tables of short "
+                         "values") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        raise GraftError(f"{path}: not valid TOML here: {first_line(e).split(';')[0]}") from None
+    check_toml_shape(data, str(path))
+    return data
 
 
 def parse_rules(data: dict, where: str = "<toml>", *, allow_imports: bool = False) -> RuleSet:
+    from graftfx.limits import MAX_RULES
+
+    if not isinstance(data, dict):
+        raise GraftError(f"{where}: a rule file is a TOML document of tables, got {type(data).__name__}")
     _check_keys(data, _FILE_KEYS, f"{where}: unknown top-level key")
-    if data.get("version", 1) != 1:
-        raise GraftError(f"{where}: version {data['version']!r} is not supported (only 1)")
+    version = data.get("version", 1)
+    if not _is_int(version) or version != 1:
+        raise GraftError(f"{where}: version {version!r} is not supported (only the integer 1)")
+    for key in ("description", "model"):
+        if key in data and not isinstance(data[key], str):
+            raise GraftError(f"{where}: {key} must be a string, got {data[key]!r}")
     tables = data.get("rule")
     if not isinstance(tables, list) or not tables:
         raise GraftError(f"{where}: no [[rule]] tables; a rule file needs at least one")
+    if len(tables) > MAX_RULES:
+        raise GraftError(f"{where}: {len(tables)} rules, more than {MAX_RULES}; split the file")
     rules = []
     for i, table in enumerate(tables):
         source = f"{where}: rule {i + 1}"
-        label = source + (f" ({table.get('name')})" if isinstance(table, dict) and table.get("name") else "")
+        name = table.get("name") if isinstance(table, dict) else None
+        label = source + (f" ({name})" if isinstance(name, str) and name else "")
         if not isinstance(table, dict):
-            raise GraftError(f"{label}: a [[rule]] must be a table with pattern and operator keys")
+            raise GraftError(f"{label}: a [[rule]] must be a table with pattern and operator keys, got {table!r}")
         _check_keys(table, _RULE_KEYS, f"{label}: unknown key")
         for key in ("pattern", "operator"):
             if key not in table:
                 raise GraftError(f"{label}: missing key {key!r}")
+        for key in ("name", "pattern", "operator", "loss"):
+            if key in table and not isinstance(table[key], str):
+                raise GraftError(f"{label}: {key} must be a string, got {table[key]!r}")
         select = table.get("select", {})
         if not isinstance(select, dict):
             raise GraftError(f"{label}: select must be a table, e.g. select = {{ preset = \"paper-50\" }}")
         _check_keys(select, _SELECT_KEYS, f"{label}: unknown select key")
         options = table.get("options", {})
         if not isinstance(options, dict):
-            raise GraftError(f"{label}: options must be a table")
+            raise GraftError(f"{label}: options must be a table, got {options!r}")
         try:
             rule = Rule(pattern=table["pattern"], operator=table["operator"], select=Select(**select),
                         options=options, name=table.get("name", ""), loss=table.get("loss"), source=source)
         except (TypeError, ValueError) as e:
-            raise GraftError(f"{label}: {e}") from None
+            raise GraftError(f"{label}: {first_line(e)}") from None
         rule.validate(allow_imports)
         rules.append(rule)
     return RuleSet(rules, where, str(data.get("description", "")))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or math.isfinite(v)
 
 
 def _check_keys(table: dict, valid, what: str) -> None:

@@ -12,20 +12,31 @@ and the graph nodes each region's input and output are read at, never on the rul
 can feed every rule set whose regions it holds (a study records each pattern's regions once).
 
 Every file is written to a temporary name and renamed; the index is rewritten after each
-shard, so an interrupted run leaves no half shard and a rerun continues where it stopped.
+shard, so an interrupted run leaves no half shard and a rerun continues where it stopped. A full
+disk is a one-line error naming the file; the shards written so far stay and a rerun continues.
+
+One writer at a time: ``write_cache`` holds an exclusive lock (``flock`` on ``.lock``, which names
+the holder's pid, host and start time; the kernel releases it when the holder exits, however it
+exits, so a lock is never stale). A second run on the same folder waits for the first, then
+finds the shards written (same settings) or is told the cache was written with other settings.
 Reads map shards with numpy (no full load into RAM); each shard's checksum and shapes, and the
 index's hashes, seed and taps against what the run asks for, are checked before a byte is used.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
 import hashlib
 import json
 import math
 import mmap
 import os
 import shutil
+import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +55,11 @@ _ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _NP = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 _TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 INDEX = "index.json"
+LOCK = ".lock"
 FORMAT = 2
+# Tests only: "K:MARKER" makes the writer create MARKER and sleep after the first file of shard K
+# (before the others and before the index names it), so a test can SIGKILL it there.
+PAUSE_ENV = "GRAFTFX_TEST_CACHE_PAUSE"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +224,62 @@ def estimate_bytes(shapes: dict, spec: CacheSpec) -> int:
 
 def write_cache(folder, traced, taps: list[Tap], calib: CalibrationSet, spec: CacheSpec, *,
                 batch_size: int = 32, progress: bool = True, log=print) -> Path:
-    """Record the teacher on ``calib`` into ``folder``; resumes an interrupted write."""
+    """Record the teacher on ``calib`` into ``folder``; resumes an interrupted write. Holds the
+    folder's lock for the whole write (a second writer waits)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GraftError(f"cache folder {folder} cannot be created: {e.strerror or e}; give another --cache") from None
+    with cache_lock(folder, log):
+        return _write_cache(folder, traced, taps, calib, spec, batch_size=batch_size, progress=progress, log=log)
+
+
+@contextlib.contextmanager
+def cache_lock(folder: Path, log=print, poll: float = 0.5):
+    """Hold ``folder/.lock`` exclusively (``fcntl.flock``); while another process holds it, say who
+    (pid, host, since when) once and wait. The kernel drops the lock of a process that exits."""
+    import fcntl
+
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if not told:
+                log(f"cache {folder} is being written by {_holder(path)}; waiting for it to finish")
+                told = True
+            time.sleep(poll)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": datetime.datetime.now().isoformat(timespec="seconds")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"pid {info['pid']} on {info['host']} (since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _disk_error(e: OSError, folder: Path, what: Path) -> GraftError:
+    reason = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return GraftError(f"cache {folder}: writing {what} failed: {reason}; the shards written so far are kept: free "
+                      "space (or give another --cache) and rerun the same command to continue")
+
+
+def _write_cache(folder: Path, traced, taps, calib, spec, *, batch_size, progress, log) -> Path:
     shapes = field_shapes(traced, taps)
     need = estimate_bytes(shapes, spec)
     index = _open_index(folder, spec, taps, shapes)
@@ -237,18 +305,38 @@ def write_cache(folder, traced, taps: list[Tap], calib: CalibrationSet, spec: Ca
         for path, fields in parts.items():
             entry = index["regions"][path]
             rel = f"{entry['dir']}/shard-{k:05d}.safetensors"
-            (folder / entry["dir"]).mkdir(exist_ok=True)
-            sha = write_shard(folder / rel, {n: torch.cat(v) for n, v in fields.items()})
+            try:
+                (folder / entry["dir"]).mkdir(exist_ok=True)
+                sha = write_shard(folder / rel, {n: torch.cat(v) for n, v in fields.items()})
+            except OSError as e:
+                raise _disk_error(e, folder, folder / rel) from None
+            _pause(k)
             shards = [s for s in index["shards"][path] if s["index"] != k]
             index["shards"][path] = sorted(shards + [{"index": k, "file": rel, "start": start, "count": stop - start,
                                                       "sha256": sha}], key=lambda s: s["index"])
         index["complete"] = all(_shard_done(folder, index, j) for j in range(spec.shards))
-        _write_json(folder / INDEX, index)
+        _save_index(folder, index)
         bar.update(1)
     bar.close()
     index["complete"] = True
-    _write_json(folder / INDEX, index)
+    _save_index(folder, index)
     return folder
+
+
+def _pause(k: int) -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if spec:
+        at, marker = spec.split(":", 1)
+        if int(at) == k and not Path(marker).exists():
+            Path(marker).write_text(f"{os.getpid()}\n", encoding="utf-8")
+            time.sleep(600)
+
+
+def _save_index(folder: Path, index: dict) -> None:
+    try:
+        _write_json(folder / INDEX, index)
+    except OSError as e:
+        raise _disk_error(e, folder, folder / INDEX) from None
 
 
 _KEYS = ("samples", "shard_size", "dtype", "seed", "model_hash", "data_hash")
@@ -264,10 +352,15 @@ def _open_index(folder: Path, spec: CacheSpec, taps: list[Tap], shapes: dict) ->
     if not path.exists():
         return fresh
     old = _read_index(folder)
-    for key in (*_KEYS, "regions"):
+    for key in _KEYS:
         if old.get(key) != fresh[key]:
             raise GraftError(f"cache {folder} was written with another {key} ({old.get(key)!r} vs {fresh[key]!r}); "
                              "use a new --cache folder or delete this one")
+    if old.get("regions") != fresh["regions"]:
+        theirs = old.get("regions") or {}
+        differ = [p for p in sorted(set(theirs) | set(fresh["regions"])) if theirs.get(p) != fresh["regions"].get(p)]
+        raise GraftError(f"cache {folder} was written with other regions or graph nodes ({len(differ)} differ, first "
+                         f"{differ[0]}); use a new --cache folder or delete this one")
     return old
 
 
@@ -280,7 +373,32 @@ def _read_index(folder: Path) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise GraftError(f"cache {folder} has index format {index.get('format') if isinstance(index, dict) else None!r}, "
                          f"not {FORMAT}; record it again in a new --cache folder")
+    if not _index_ok(index):
+        raise GraftError(f"cache index {folder / INDEX} is damaged (a field has the wrong type or is missing); delete "
+                         "the cache folder and record it again")
     return index
+
+
+def _index_ok(index: dict) -> bool:
+    def count(v, lo=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    regions, shards = index.get("regions"), index.get("shards")
+    if not (count(index.get("samples"), 1) and count(index.get("shard_size"), 1) and index.get("dtype") in DTYPES
+            and isinstance(regions, dict) and isinstance(shards, dict) and set(shards) <= set(regions)):
+        return False
+    for entry in regions.values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("dir"), str) and isinstance(entry.get("fields"), dict)
+                and all(isinstance(v, list) and all(count(d) for d in v) for v in entry["fields"].values())):
+            return False
+    for items in shards.values():
+        if not isinstance(items, list):
+            return False
+        for e in items:
+            if not (isinstance(e, dict) and count(e.get("index")) and isinstance(e.get("file"), str)
+                    and count(e.get("count"), 1) and isinstance(e.get("sha256"), str)):
+                return False
+    return True
 
 
 def _shard_done(folder: Path, index: dict, k: int) -> bool:
@@ -369,6 +487,9 @@ class ActivationCache:
                 if not group.size:
                     continue
                 k = int(group[0] // size)
+                if k not in entries:
+                    raise GraftError(f"cache index {self.folder / INDEX} lists no shard {k} for {path}; the index is "
+                                     "damaged: record the cache again")
                 shard = self._shard(entries[k], path)
                 for f in parts:
                     parts[f].append(shard.rows_np(f, group - k * size))

@@ -6,13 +6,36 @@ import argparse
 from graftfx.errors import GraftError
 
 
+def _check_distill_args(args) -> None:
+    """Every argument on its own, before anything is read or built (cheap checks first)."""
+    from graftfx.cli import check_number, out_folder
+    from graftfx.limits import resolve_device
+
+    out_folder(args.out)
+    if args.cache is not None:
+        out_folder(args.cache, "--cache")
+    for flag, value in (("--samples", args.samples), ("--shard-size", args.shard_size), ("--steps1", args.steps1),
+                        ("--batch1", args.batch1), ("--steps2", args.steps2), ("--batch2", args.batch2),
+                        ("--ckpt-every", args.ckpt_every), ("--log-every", args.log_every)):
+        check_number(flag, value, lo=1, integer=True)
+    for flag, value in (("--warmup1", args.warmup1), ("--warmup2", args.warmup2)):
+        check_number(flag, value, lo=0, integer=True)
+    check_number("--seed", args.seed, lo=0, hi=2**63 - 1, integer=True)
+    for flag, value in (("--lr1", args.lr1), ("--lr1-mlp", args.lr1_mlp), ("--lr2", args.lr2)):
+        check_number(flag, value, lo=0, low_open=True)
+    check_number("--ema", args.ema, lo=0, hi=0.999999999)
+    resolve_device(args.device)
+
+
 def _distill(args) -> int:
     from graftfx.models.zoo import resolve_model
+    from graftfx.rules import load_rules
 
     from .pipeline import DistillSettings, load_data, run_distill
     from .stage1 import Stage1Config
     from .stage2 import Stage2Config
 
+    _check_distill_args(args)
     try:
         s1 = Stage1Config(steps=args.steps1, batch_size=args.batch1, lr=args.lr1, lr_mlp=args.lr1_mlp,
                           schedule=args.schedule, warmup=args.warmup1, seed=args.seed, ckpt_every=args.ckpt_every,
@@ -26,18 +49,14 @@ def _distill(args) -> int:
     settings = DistillSettings(stage=args.stage, cache=args.cache, online=args.online, samples=args.samples,
                                cache_dtype=args.cache_dtype, shard_size=args.shard_size, stage1=s1, stage2=s2,
                                device=args.device)
+    rules = load_rules(args.rules)                   # cheap checks first: the rule file, the data file
+    if args.loss:
+        for r in rules:
+            r.loss = args.loss
+    latents, labels = load_data(args.data)
     model, ex_args, ex_kwargs = resolve_model(args.model, meta=False, batch=2, seed=args.seed)
     if ex_kwargs:
         raise GraftError(f"distill trains class-conditional DiTs called as model(x, t, y); {args.model} is not one")
-    latents, labels = load_data(args.data)
-    if args.loss:
-        from graftfx.rules import load_rules
-
-        rules = load_rules(args.rules)
-        for r in rules:
-            r.loss = args.loss
-    else:
-        rules = args.rules
     run_distill(model, ex_args, rules, latents, labels, args.out, settings, model_id=args.model, resume=args.resume,
                 progress=not args.no_progress)
     return 0
@@ -97,29 +116,40 @@ def _cuda() -> bool:
 
 
 def _export(args) -> int:
-    from graftfx.api import graft
-    from graftfx.export.export import export_grafted, fingerprint, read_manifest
-    from graftfx.models.zoo import resolve_model
+    from graftfx.cli import out_folder
+    from graftfx.export.export import export_grafted, fingerprint, preflight, read_manifest
     from graftfx.models.load import read_state_dict
+    from graftfx.models.zoo import resolve_model
     from graftfx.rules import load_rules
-    from graftfx.state import check_state, shapes_of
+    from graftfx.select.select import select
+    from graftfx.splice.splice import splice
+    from graftfx.state import check_state, dtypes_of, shapes_of
+    from graftfx.trace.tracer import trace
     from graftfx.training import checkpoint_file
 
+    out_folder(args.out)
     rules = load_rules(args.rules)                     # cheap checks first: the rules, the weights file
     weights = checkpoint_file(args.weights) if args.weights else None
+    state = read_state_dict(weights, what=f"--weights {args.weights}") if weights is not None else None
     model, ex_args, ex_kwargs = resolve_model(args.model, meta=False, batch=2)
-    grafted = graft(model, rules, ex_args, ex_kwargs)
-    if weights is not None:
-        state = read_state_dict(weights)
+    plan = select(trace(model, ex_args, ex_kwargs), rules)
+    preflight(plan)
+    grafted = splice(plan)
+    if state is not None:
         own = grafted.state_dict()
         given = shapes_of(state)
+        if not set(given) & set(own):
+            raise GraftError(f"--weights {args.weights} holds none of this grafted model's {len(own)} keys (it has "
+                             f"{', '.join(list(given)[:3])}...); give the weights trained for these rules and model")
         optional = set(own) - set(given) if args.partial else set()
         check_state(shapes_of(own), given, what=f"--weights {args.weights}", optional=optional,
+                    own_dtypes=dtypes_of(own), saved_dtypes=dtypes_of(state),
                     fix="give the weights of this model and rules" + ("" if args.partial else
                         ", or --partial to keep the keys the file lacks as they are"))
-        if not given:
-            raise GraftError(f"--weights {args.weights} holds no tensors; give the trained weights file")
-        grafted.load_state_dict({**own, **state}, strict=True)
+        from graftfx.state import detach_from
+
+        detach_from(grafted, model)                    # the base keeps its own weights
+        grafted.load_state_dict({**grafted.state_dict(), **state}, strict=True)
     path = export_grafted(grafted, args.out, base_id=args.model, base_hash=fingerprint(model))
     manifest = read_manifest(path)
     print(f"exported {len(manifest['regions'])} grafted regions to {path}/ (model.safetensors, graft.json)")

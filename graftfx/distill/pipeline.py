@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from graftfx.errors import GraftError
-from graftfx.export.export import export_grafted, fingerprint
+from graftfx.export.export import export_grafted, fingerprint, preflight
 from graftfx.rules import load_rules
 from graftfx.select.select import Plan, select
 from graftfx.splice.splice import GraftedModule, splice
@@ -48,6 +48,13 @@ class DistillSettings:
     export: bool = True               # write <out>/grafted (model.safetensors + graft.json)
 
     def __post_init__(self):
+        from graftfx.limits import resolve_device
+
+        for name in ("samples", "shard_size", "record_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GraftError(f"distill setting {name} must be an integer >= 1, got {value!r}")
+        resolve_device(self.device, "device")
         if self.stage not in STAGES:
             raise GraftError(f"--stage {self.stage!r} is not one of {', '.join(STAGES)}")
         if self.online and self.cache:
@@ -94,12 +101,14 @@ def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor, out, s
     same trace, teacher, data and calibration seed (checked); default: ``settings.cache`` or
     ``out/cache``, written first (resumable), or the online teacher with ``settings.online``.
     """
+    traced = plan.traced
+    model = traced.model
+    check_data(latents, labels, model)               # argument checks before anything is written or built
+    preflight(plan)
     rank, world = _world()
     say = log if rank == 0 else (lambda *a, **k: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    traced = plan.traced
-    model = traced.model
     grafted = splice(plan)
     say(f"grafted {len(grafted.grafts)} regions: " + ", ".join(f"{g.region.path}->{g.operator}" for g in grafted.grafts))
     model_hash = fingerprint(model)
@@ -160,22 +169,51 @@ def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor, out, s
 
 def load_data(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents and labels: ``digits`` (the bundled digits, train split) or a file holding tensors
-    ``latents`` (N, C, H, W) and ``labels`` (N,) (.safetensors, or .pt read with weights_only)."""
+    ``latents`` (N, C, H, W) and ``labels`` (N,) (.safetensors, or .pt read with weights_only).
+    Dtypes, ranks, lengths and finiteness are checked here; the fit to a model by ``check_data``."""
     if spec == "digits":
         from graftfx.data import digits_split
 
         (x, y), _ = digits_split()
         return x, y
+    if not isinstance(spec, str) or not spec.strip():
+        raise GraftError("--data is empty; give 'digits' or a .safetensors/.pt file with latents and labels")
     path = Path(spec)
     if not path.is_file():
         raise GraftError(f"data {spec!r} is neither 'digits' nor a file; give a .safetensors/.pt with latents and labels")
     from graftfx.models.load import read_state_dict
 
-    try:
-        blob = read_state_dict(path)
-    except GraftError as e:
-        raise GraftError(f"data file {path}: {str(e).replace(f'checkpoint {path} ', '')}") from None
+    blob = read_state_dict(path, what="data file")
     missing = [k for k in ("latents", "labels") if k not in blob]
     if missing:
-        raise GraftError(f"data file {path} lacks tensor(s) {', '.join(missing)}; it needs 'latents' (N, C, H, W) and 'labels' (N,)")
-    return blob["latents"].float(), blob["labels"].long()
+        raise GraftError(f"data file {path} lacks tensor(s) {', '.join(missing)}; it needs 'latents' (N, C, H, W) and "
+                         f"'labels' (N,) (it has {', '.join(list(blob)[:4])})")
+    x, y = blob["latents"], blob["labels"]
+    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise GraftError(f"data file {path}: latents are {str(x.dtype).replace('torch.', '')}; they must be floating "
+                         "point (float32/float16/bfloat16)")
+    if x.ndim != 4 or x.shape[0] < 1 or 0 in x.shape:
+        raise GraftError(f"data file {path}: latents have shape {list(x.shape)}; they must be (N, C, H, W) with N >= 1")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.ndim != 1:
+        raise GraftError(f"data file {path}: labels are {str(y.dtype).replace('torch.', '')} of shape {list(y.shape)}; "
+                         "they must be integer class indices of shape (N,)")
+    if len(y) != len(x):
+        raise GraftError(f"data file {path}: {len(x)} latents but {len(y)} labels; one label per latent")
+    if not bool(torch.isfinite(x).all()):
+        raise GraftError(f"data file {path}: latents hold NaN or infinite values; clean the data")
+    return x.float(), y.long()
+
+
+def check_data(latents: torch.Tensor, labels: torch.Tensor, model, where: str = "--data") -> None:
+    """Latents shaped like the model's input, labels within its classes (DiT-style ``config``)."""
+    cfg = getattr(model, "config", None)
+    need = ("in_channels", "input_size", "num_classes")
+    if cfg is None or not all(isinstance(getattr(cfg, k, None), int) for k in need):
+        return
+    want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if tuple(latents.shape[1:]) != want:
+        raise GraftError(f"{where}: latents are {list(latents.shape[1:])} per sample but the model takes {list(want)}; "
+                         "give the latents of this model's data")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
+        raise GraftError(f"{where}: labels range {int(labels.min())}..{int(labels.max())}, but the model has "
+                         f"{cfg.num_classes} classes (0..{cfg.num_classes - 1})")

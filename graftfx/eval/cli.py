@@ -44,7 +44,7 @@ def load_digits_dit(path=None, num_heads: int | None = None, device="cpu"):
                          "'graftfx pretrain digits'")
     config = stored_config(path)
     if config is None:
-        config = infer_config(read_state_dict(path))
+        config = infer_config(read_state_dict(path), f"checkpoint {path}")
         digits = DiTConfig(**DIGITS_CONFIG)
         if replace(config, num_heads=digits.num_heads, class_dropout_prob=digits.class_dropout_prob) == digits:
             config = digits
@@ -56,10 +56,35 @@ def load_digits_dit(path=None, num_heads: int | None = None, device="cpu"):
     return load_dit(path, config, device=device)
 
 
+def _check_digits_args(args) -> None:
+    """Each argument on its own, before the model is loaded (cheap checks first)."""
+    from graftfx.cli import check_number, out_file
+    from graftfx.limits import resolve_device
+    from graftfx.models.respace import space_timesteps
+
+    for flag, value in (("--n-per-class", args.n_per_class), ("--batch-size", args.batch_size),
+                        ("--grid-rows", args.grid_rows)):
+        check_number(flag, value, lo=1, integer=True)
+    if args.num_heads is not None:
+        check_number("--num-heads", args.num_heads, lo=1, integer=True)
+    check_number("--cfg", args.cfg)
+    check_number("--seed", args.seed, lo=0, hi=2**63 - 1, integer=True)
+    try:
+        space_timesteps(1000, args.steps)
+    except (ValueError, TypeError) as e:
+        raise GraftError(f"--steps {args.steps}: {e}") from None
+    resolve_device(args.device)
+    for flag in ("json", "grid"):
+        value = getattr(args, flag)
+        if value is not None:
+            out_file(value, f"--{flag}")
+
+
 def cmd_digits(args) -> int:
     from .evaluate import evaluate, sample_per_class
     from .grid import save_grid
 
+    _check_digits_args(args)
     model = load_digits_dit(args.model, args.num_heads, args.device)
     classifier = None
     if args.classifier:
@@ -90,12 +115,22 @@ def _load_sample_file(path):
     path = Path(path)
     if not path.is_file():
         raise GraftError(f"samples file {path} not found: pass an .npz holding images (arr_0 or images)")
-    with np.load(path, allow_pickle=False) as data:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise GraftError(f"samples file {path} is not a readable .npz ({str(e).splitlines()[0] if str(e) else e!r}); "
+                         "save the images with numpy.savez") from None
+    if not hasattr(data, "files"):
+        raise GraftError(f"samples file {path} is a bare array, not an .npz; save the images with numpy.savez")
+    with data:
         key = next((k for k in ("arr_0", "images") if k in data.files), None)
         if key is None:
             raise GraftError(f"samples file {path} has no 'arr_0' or 'images' array (has {', '.join(data.files)}); "
                              "save the images under one of those names")
-        arr = data[key]
+        try:
+            arr = data[key]
+        except (ValueError, OSError, EOFError) as e:
+            raise GraftError(f"samples file {path}: array {key} is unreadable ({e}); save the images again") from None
     if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3):  # ADM layout (N, H, W, C)
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and np.issubdtype(arr.dtype, np.floating):
@@ -105,7 +140,15 @@ def _load_sample_file(path):
 
 
 def cmd_inception_fid(args) -> int:
+    from graftfx.cli import check_number, out_file
+    from graftfx.limits import resolve_device
+
     from .inception import InceptionFID
+
+    check_number("--batch-size", args.batch_size, lo=1, integer=True)
+    resolve_device(args.device)
+    if args.json is not None:
+        out_file(args.json, "--json")
 
     fid = InceptionFID(args.weights, args.reference, backend=args.backend, device=args.device,
                        batch_size=args.batch_size)

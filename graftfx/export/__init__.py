@@ -1,3 +1,3 @@
-from .export import export_grafted, fingerprint, load_grafted, read_manifest
+from .export import export_grafted, fingerprint, load_grafted, preflight, read_manifest
 
-__all__ = ["export_grafted", "load_grafted", "read_manifest", "fingerprint"]
+__all__ = ["export_grafted", "load_grafted", "read_manifest", "fingerprint", "preflight"]

@@ -68,9 +68,15 @@ class Study:
         return [(e, f) for e in self.experiments for f in (e.fractions or self.fractions)]
 
 
-def load_study(path) -> Study:
+_INT_SETTINGS = ("samples", "steps1", "batch1", "steps2", "batch2", "eval_per_class", "latency_batch")
+
+
+def load_study(path, *, check_model: bool = True) -> Study:
+    """A study file, parsed, typed strictly and checked; with ``check_model`` every experiment's
+    operator is also built (on the meta device) for every region of every fraction it runs at, so
+    a bad option or an operator over the size ceiling is refused before anything runs."""
     from graftfx.rewrites import STUDIES_DIR
-    from graftfx.rules import Rule, Select
+    from graftfx.rules import Rule, Select, read_toml
 
     path = Path(path)
     if not path.is_file():
@@ -78,28 +84,100 @@ def load_study(path) -> Study:
         if not bundled.is_file():
             raise GraftError(f"study file {path} not found (bundled studies live in rewrites/studies/)")
         path = bundled
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise GraftError(f"{path}: not valid TOML: {e}") from None
+    data = read_toml(path, "study file")
     _keys(data, _TOP, f"{path}: unknown top-level key")
+    version = data.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version != 1:
+        raise GraftError(f"{path}: version {version!r} is not supported (only the integer 1)")
+    for key in ("description", "model", "data"):
+        if key in data and not isinstance(data[key], str):
+            raise GraftError(f"{path}: {key} must be a string, got {data[key]!r}")
     settings = data.get("settings", {})
+    if not isinstance(settings, dict):
+        raise GraftError(f"{path}: settings must be a table ([settings])")
     _keys(settings, [f.name for f in StudySettings.__dataclass_fields__.values()], f"{path}: unknown settings key")
-    fractions = data.get("fractions", list(FRACTIONS))
+    _check_settings(settings, path)
+    fractions = _fractions(data.get("fractions", list(FRACTIONS)), f"{path}: fractions")
+    tables = data.get("experiment", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise GraftError(f"{path}: experiment must be [[experiment]] tables")
     exps = []
-    for i, t in enumerate(data.get("experiment", [])):
-        _keys(t, _EXP, f"{path}: experiment {i + 1}: unknown key")
+    for i, t in enumerate(tables):
+        where = f"{path}: experiment {i + 1}"
+        _keys(t, _EXP, f"{where}: unknown key")
+        for key in ("name", "pattern", "operator"):
+            if not isinstance(t.get(key), str) or not t[key]:
+                raise GraftError(f"{where}: {key} must be a non-empty string, got {t.get(key)!r}")
+        if not isinstance(t.get("options", {}), dict):
+            raise GraftError(f"{where} ({t['name']}): options must be a table")
+        if t.get("loss") is not None and not isinstance(t["loss"], str):
+            raise GraftError(f"{where} ({t['name']}): loss must be a string, got {t['loss']!r}")
+        paper = t.get("paper", {})
+        if not isinstance(paper, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in paper.values()):
+            raise GraftError(f"{where} ({t['name']}): paper must be a table of FIDs, e.g. paper = {{ \"50%\" = 2.7 }}")
         exp = Experiment(**t)
-        for f in exp.fractions or fractions:
-            if f not in FRACTIONS:
-                raise GraftError(f"{path}: experiment {exp.name!r}: fraction {f!r} is not one of {', '.join(FRACTIONS)}")
-        Rule(exp.pattern, exp.operator, Select(preset="all"), exp.options, name=exp.name, loss=exp.loss,
-             source=f"{path}: experiment {i + 1}").validate()
+        if exp.fractions is not None:
+            exp.fractions = _fractions(exp.fractions, f"{where} ({exp.name}): fractions")
+        try:
+            rule = Rule(exp.pattern, exp.operator, Select(preset="all"), exp.options, name=exp.name, loss=exp.loss,
+                        source=where)
+        except (TypeError, ValueError) as e:
+            raise GraftError(f"{where} ({exp.name}): {e}") from None
+        rule.validate()
         exps.append(exp)
     if not exps:
         raise GraftError(f"{path}: no [[experiment]] tables")
-    return Study(str(path), data.get("description", ""), data.get("model", "digits"), data.get("data", "digits"),
-                 fractions, StudySettings(**settings), exps)
+    study = Study(str(path), data.get("description", ""), data.get("model", "digits"), data.get("data", "digits"),
+                  fractions, StudySettings(**settings), exps)
+    if check_model:
+        _check_against_model(study)
+    return study
+
+
+def _fractions(value, where: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(f, str) for f in value):
+        raise GraftError(f"{where} must be a non-empty list of {', '.join(FRACTIONS)}, got {value!r}")
+    for f in value:
+        if f not in FRACTIONS:
+            raise GraftError(f"{where}: fraction {f!r} is not one of {', '.join(FRACTIONS)}")
+    return value
+
+
+def _check_settings(settings: dict, path) -> None:
+    from graftfx.models.respace import space_timesteps
+
+    for key, value in settings.items():
+        if key in _INT_SETTINGS or key == "seed":
+            lo = 0 if key == "seed" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < 2**63:
+                raise GraftError(f"{path}: settings.{key} must be an integer >= {lo}, got {value!r}")
+        elif key == "cfg_scale":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or abs(value) > 1e6:
+                raise GraftError(f"{path}: settings.cfg_scale must be a finite number, got {value!r}")
+        elif key == "eval_steps":
+            try:
+                if not isinstance(value, str):
+                    raise ValueError("it must be a string such as \"ddim20\" or \"250\"")
+                space_timesteps(1000, value)
+            except ValueError as e:
+                raise GraftError(f"{path}: settings.eval_steps {value!r}: {e}") from None
+
+
+def _check_against_model(study: Study) -> None:
+    """Every experiment x fraction selected and built on the meta device against the study's model."""
+    import graftfx
+    from graftfx.export import preflight
+    from graftfx.models.zoo import resolve_model
+    from graftfx.rules import Rule, Select
+
+    model, ex_args, ex_kwargs = resolve_model(study.model, meta=True, batch=2, seed=study.settings.seed)
+    traced = graftfx.trace(model, ex_args, ex_kwargs)
+    for i, exp in enumerate(study.experiments):
+        for fraction in exp.fractions or study.fractions:
+            rule = Rule(exp.pattern, exp.operator, Select(preset=fraction, paths=["blocks.*"]), dict(exp.options),
+                        name=exp.name, loss=exp.loss, source=f"{study.path}: experiment {i + 1} at {fraction}")
+            preflight(graftfx.select(traced, [rule]))
 
 
 def _keys(table: dict, valid, what: str) -> None:

@@ -10,7 +10,9 @@ Writing step N: a hidden temporary folder ``ROOT/.step-000000N.<pid>-<id>.tmp`` 
 file (each one written to a temporary name, fsynced and renamed), then ``complete.json``; the
 folder is fsynced and renamed to ``step-000000N`` in one step; then ``latest.json`` is replaced
 atomically and folders beyond ``keep`` are pruned. A crash or a full disk at any point leaves
-either no ``step-000000N`` at all or a complete one.
+either no ``step-000000N`` at all or a complete one. A write that fails (a full disk, a
+read-only folder) is one GraftError naming the step, the folder, the reason and the last good
+checkpoint, which stays as it was.
 
 Reading: the newest *complete* step folder, verified on the spot: its ``complete.json`` parses,
 names this step, and every file it lists exists with the recorded size. Temporary folders are
@@ -25,6 +27,7 @@ there.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -49,6 +52,11 @@ STATE_KEY = "graftfx.state"          # safetensors metadata key holding a nested
 PAUSE_ENV = "GRAFTFX_TEST_CHECKPOINT_PAUSE"
 _STEP = re.compile(r"^step-(\d+)$")
 _TEMP = re.compile(r"^\.step-\d+\..*\.(tmp|old)$")
+
+
+class CheckpointWriteError(GraftError, OSError):
+    """A checkpoint that could not be written (full disk, read-only folder): one line for the user
+    (a GraftError), and still the OSError it is for callers that catch those."""
 
 
 def step_folder_name(step: int) -> str:
@@ -113,6 +121,14 @@ class CheckpointStore:
         clash = set(tensors) & set(states)
         if clash:
             raise ValueError(f"checkpoint file name(s) {sorted(clash)} given as both tensors and states")
+        try:
+            return self._save(step, tensors, states, meta)
+        except OSError as e:
+            raise CheckpointWriteError(f"checkpoint step {step} could not be written to {self.root}: {_reason(e)}; "
+                             f"{self.describe_latest()}; fix: free space (or use another --out) and rerun with "
+                             "--resume") from None
+
+    def _save(self, step: int, tensors: dict, states: dict, meta: dict | None) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         name = step_folder_name(step)
         final = self.root / name
@@ -255,13 +271,26 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
         elif ptr is not None:
             seen.add(ptr)
         flat[k] = v
+    from safetensors import SafetensorError
+
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+        try:
+            save_file(flat, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # the Rust writer's I/O errors, as the OSError they are
+            text = str(e)
+            code = errno.ENOSPC if "No space left" in text or "os error 28" in text else errno.EIO
+            raise OSError(code, os.strerror(code) if code == errno.ENOSPC else text, str(path)) from None
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -41,6 +41,12 @@ def save_figure(fig, png) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    from .metrics import disk_error
+
+    try:
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png")
+    except OSError as e:
+        raise disk_error(e, png) from None
+    finally:
+        plt.close(fig)

@@ -137,8 +137,11 @@ def test_a_crash_or_full_disk_mid_checkpoint_leaves_the_previous_one(tmp_path, m
         real(path, tensors, metadata)
 
     monkeypatch.setattr(ckpt_module, "_write_safetensors", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(GraftError) as e:
         _save(store, 4, value=99.0)
+    assert str(e.value) == (f"checkpoint step 4 could not be written to {tmp_path}: no space left on the device; "
+                            f"the last good checkpoint (step 2) is kept in {tmp_path / 'step-0000002'}; fix: free "
+                            "space (or use another --out) and rerun with --resume")
     monkeypatch.undo()
     assert calls == ["params.safetensors", "train.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-0000002"]   # no temp left behind
