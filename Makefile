@@ -13,6 +13,9 @@ $(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev,diffusers]'
+	@# timm without its torchvision requirement: PyPI's torchvision for torch 2.13.0 is a CUDA build that fails
+	@# to load against the CPU torch. The tests import timm through tests/clients/_torchvision.py.
+	$(PIP) install -q -c constraints.txt --no-deps timm
 	@# Graphviz's `dot` renders the inspect SVGs; graftfx falls back to its own renderer without it.
 	@command -v dot >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 	  { apt-get install -y -q graphviz >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q graphviz >/dev/null 2>&1; }; }; } || \

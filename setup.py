@@ -41,8 +41,13 @@ setup(
         "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3"],
+        # transformers for the client zoo (tests/clients); timm's pure-Python needs, timm itself
+        # comes from the "timm" extra or, in the dev set-up, without its torchvision (Makefile).
+        "dev": ["pytest>=8", "pytest-xdist>=3", "transformers>=5.0", "pyyaml", "huggingface_hub"],
         "diffusers": ["diffusers>=0.30"],
+        # timm requires torchvision; PyPI's torchvision for torch 2.13.0 is a CUDA build that does
+        # not load against the CPU torch, so `make setup` installs timm with --no-deps instead.
+        "timm": ["timm>=1.0"],
         "flash": ["flash-attn>=2.6"],
         "mamba": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
     },

@@ -90,8 +90,9 @@ def register_operator(name: str, *, config: type, kinds: tuple[str, ...], loss: 
                                 "(see graftfx.operator)")
         summary = description or ((cls.__doc__ or "").strip().splitlines() or [name])[0]
         OPERATORS[name] = OperatorSpec(name, cls, config, tuple(kinds), loss, summary)
-        cls.operator_name = name
-        cls.config_class = config
+        if "operator_name" not in cls.__dict__:   # a second name (an import path) is an alias only
+            cls.operator_name = name
+            cls.config_class = config
         return cls
 
     return wrap

@@ -64,3 +64,15 @@ def test_unknown_names_suggest_and_list():
     with pytest.raises(registry.GraftError, match=r"rules.toml: rule 1: unknown operator 'hyena_xx' \(did you mean "
                                                   r"'hyena_x'\?\); valid choices: .*swa"):
         registry.get_operator("hyena_xx", "rules.toml: rule 1: ")
+
+
+def test_a_second_name_is_an_alias_that_leaves_the_class_as_it_was():
+    from graftfx.rewrites.operators.mlp import MLP
+
+    registry.load_plugins()
+    try:
+        registry.register_operator("graftfx.rewrites.operators.mlp:MLP", config=MLP.config_class, kinds=("mlp",))(MLP)
+        assert registry.OPERATORS["graftfx.rewrites.operators.mlp:MLP"].cls is MLP
+        assert MLP.operator_name == "mlp" and registry.get_operator("mlp").cls is MLP
+    finally:
+        registry.OPERATORS.pop("graftfx.rewrites.operators.mlp:MLP", None)

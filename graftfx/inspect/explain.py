@@ -1,17 +1,25 @@
 """``explain(model, rules)``: for every rule, what matched and, where nothing or fewer regions
 than the model has blocks matched, the nearest candidates and the condition each one failed;
-and whether the rule's operator can be built for every region it selected (checked on the meta
-device: options that fail only against a real region, such as heads not dividing its width)."""
+whether the rule's operator can be built for every region it selected (checked on the meta
+device: options that fail only against a real region, such as heads not dividing its width);
+which regions it refuses (a key-padding mask the operator does not take) and what it leaves out
+(a rotary embedding or bias it does not apply). Attention rules also name every attention core of
+the graph that no attention pattern matched, with the condition it failed."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from graftfx.errors import GraftError
+from graftfx.match.match import match
 from graftfx.match.paths import block_prefix
+from graftfx.match.region import CAUSAL_SELF_ATTENTION, CROSS_ATTENTION, JOINT_ATTENTION, SELF_ATTENTION
 from graftfx.match.report import Candidate
 from graftfx.select.select import contents, select
 from graftfx.splice.splice import build_operator
 from graftfx.trace.tracer import TracedGraph, module_path, trace
+
+
+ATTENTION_KINDS = (SELF_ATTENTION, CAUSAL_SELF_ATTENTION, CROSS_ATTENTION, JOINT_ATTENTION)
 
 
 @dataclass
@@ -26,6 +34,9 @@ class RuleExplanation:
     near_misses: list[Candidate] = field(default_factory=list)
     contains: str = ""
     errors: list[str] = field(default_factory=list)   # GraftErrors building the operator for a region
+    refused: list[str] = field(default_factory=list)  # regions the operator cannot take, and why
+    notes: list[str] = field(default_factory=list)    # what the operator leaves out
+    unmatched: list[Candidate] = field(default_factory=list)  # attention cores no attention pattern matched
 
     def __str__(self) -> str:
         head = (f"rule {self.rule} ({self.pattern} -> {self.operator}): matched {len(self.matched)}"
@@ -39,6 +50,13 @@ class RuleExplanation:
             lines.append("  no match in: " + ", ".join(self.missing_blocks))
         for error in self.errors:
             lines.append(f"  cannot build: {error}")
+        for why in self.refused:
+            lines.append(f"  refused: {why}")
+        for note in _dedupe(self.notes):
+            lines.append(f"  note: {note}")
+        if self.unmatched:
+            lines.append(f"  attention cores not matched ({len(self.unmatched)}):")
+            lines += [f"    {c}" for c in self.unmatched]
         if self.near_misses and (not self.matched or self.missing_blocks):
             lines.append("  nearest candidates:")
             lines += [f"    {c}" for c in self.near_misses[:12]]
@@ -61,8 +79,26 @@ def explain(model, rules, example_inputs=(), example_kwargs=None) -> list[RuleEx
         out.append(RuleExplanation(o.rule.name, o.rule.pattern, o.rule.operator, [r.path for r in o.report.regions],
                                    [r.path for r in o.chosen], len(blocks), missing, list(misses),
                                    contents(traced) if not o.report.regions else "",
-                                   _build_errors(o.rule, o.chosen)))
+                                   _build_errors(o.rule, o.chosen), [why for _, why in o.refused], list(o.notes),
+                                   unmatched_attention(traced) if o.rule.pattern in ATTENTION_KINDS else []))
     return out
+
+
+def unmatched_attention(traced: TracedGraph) -> list[Candidate]:
+    """Attention cores of the graph that no built-in attention pattern made a region of."""
+    found = {}
+    region_cores = set()
+    for kind in ATTENTION_KINDS:
+        report = match(traced, kind)
+        region_cores |= {r.details.get("core") for r in report.regions}
+        for c in report.near_misses:
+            found.setdefault(c.anchor, c)
+    return [c for anchor, c in found.items() if anchor not in region_cores
+            and not c.reason.startswith(("attention found, but", "softmax/attention found, but"))]
+
+
+def _dedupe(lines):
+    return list(dict.fromkeys(lines))
 
 
 def _build_errors(rule, regions) -> list[str]:

@@ -223,9 +223,18 @@ def _probe_key(chain_nodes, seed, seed_value, gm, want):
     return (tuple(seed_value.shape), str(seed_value.dtype), body, index.get(want, want.name))
 
 
-def _probe(chain_nodes, seed, seed_value, gm, want):
-    env: dict[fx.Node, object] = {seed: seed_value}
-    chain = set(chain_nodes)
+def probe_many(chain_nodes: list[fx.Node], seeds: dict, gm: fx.GraphModule, want: fx.Node,
+               through: dict | None = None) -> torch.Tensor:
+    """``probe`` with several seeds (e.g. the two streams a joint attention concatenates) and
+    ``through``: nodes taken as their given operand (a rotary embedding: ``q*cos + rot(q)*sin``
+    keeps q's channels in place, so the layout probe passes through it as q)."""
+    return _probe(chain_nodes, None, None, gm, want, seeds=seeds, through=through or {})
+
+
+def _probe(chain_nodes, seed, seed_value, gm, want, seeds=None, through=None):
+    env: dict[fx.Node, object] = dict(seeds) if seeds else {seed: seed_value}
+    through = through or {}
+    chain = set(chain_nodes) | set(through)
 
     def value(n):
         if isinstance(n, fx.Node):
@@ -239,6 +248,8 @@ def _probe(chain_nodes, seed, seed_value, gm, want):
 
     def evaluate(n: fx.Node):
         kind = op_kind(n, gm)
+        if n in through:
+            return value(through[n])
         if n not in chain:
             return _static_value(n, gm)
         if kind in NORMS or kind == "dropout" or kind == "identity" or \

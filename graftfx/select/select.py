@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from graftfx.errors import GraftError
 from graftfx.match.match import match
-from graftfx.match.region import Region
+from graftfx.match.region import OPTIONAL_FEATURES, REQUIRED_FEATURES, Region
 from graftfx.match.report import MatchReport
 from graftfx.registry import get_operator, patterns
 from graftfx.rules import Rule, RuleSet, load_rules
@@ -21,6 +21,8 @@ class RuleOutcome:
     report: MatchReport
     chosen: list[Region] = field(default_factory=list)
     skipped: list[tuple[Region, str]] = field(default_factory=list)
+    refused: list[tuple[Region, str]] = field(default_factory=list)   # the operator cannot take what it carries
+    notes: list[str] = field(default_factory=list)                     # what the operator leaves out
 
 
 @dataclass
@@ -71,6 +73,16 @@ def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
                 raise GraftError(f"{rule.where}operator {rule.operator!r} replaces "
                                  f"{' or '.join(spec.kinds)} regions, but {region.path} is {region.kind}; "
                                  f"pick an operator for {region.kind} or another pattern")
+            takes = getattr(spec.cls, "takes", frozenset())
+            lacking = [f for f in region.features if f in REQUIRED_FEATURES and f not in takes]
+            if lacking and _wanted(rule, region, keep):
+                why = (f"operator {rule.operator!r} cannot replace {region.path}: it carries a {_WORDS[lacking[0]]}, "
+                       f"which {rule.operator} does not take (operators that do: {_takers(lacking[0], region.kind)}); "
+                       "pick one of them or exclude the region")
+                if strict:
+                    raise GraftError(f"{rule.where}{why}")
+                outcome.refused.append((region, why))
+                continue
             if keep is not None and (not _in_block(region) or region.block_index not in keep):
                 outcome.skipped.append((region, "not in the selected blocks"))
             elif not rule.select.admits_path(region.path):
@@ -80,6 +92,10 @@ def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
             else:
                 outcome.chosen.append(region)
                 taken[id(region.output)] = rule.name
+                for f in region.features:
+                    if f in OPTIONAL_FEATURES and f not in takes:
+                        outcome.notes.append(f"{rule.operator} does not apply the {_WORDS[f]} of {region.path}: "
+                                             "it is trained without it")
         if strict and not report.regions:
             misses = "; ".join(str(c) for c in report.near_misses[:3])
             raise GraftError(f"{rule.where}pattern {rule.pattern!r} matched nothing in "
@@ -90,6 +106,24 @@ def select(traced: TracedGraph, rules, *, strict: bool = True) -> Plan:
                              f"{rule.pattern} regions ({_paths(report.regions)}); check its select table")
         outcomes.append(outcome)
     return Plan(traced, ruleset, outcomes)
+
+
+_WORDS = {"mask": "key-padding mask", "bias": "additive attention bias (e.g. relative-position bias)",
+          "rope": "rotary embedding"}
+
+
+def _wanted(rule: Rule, region: Region, keep) -> bool:
+    """Whether the rule's selection names the region (before anything else is checked)."""
+    if keep is not None and (not _in_block(region) or region.block_index not in keep):
+        return False
+    return rule.select.admits_path(region.path)
+
+
+def _takers(feature: str, kind: str) -> str:
+    from graftfx.registry import operators
+
+    names = [n for n, s in operators().items() if feature in getattr(s.cls, "takes", ()) and kind in s.kinds]
+    return ", ".join(names) or "none registered"
 
 
 def _in_block(region: Region) -> bool:

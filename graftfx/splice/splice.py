@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graftfx.errors import GraftError
-from graftfx.match.region import Region
+from graftfx.match.region import Region, feature_of
 from graftfx.registry import get_operator
 from graftfx.rules import Rule
 from graftfx.state import check_state, tied_names
@@ -116,6 +117,9 @@ def build_operator(rule: Rule, region: Region, device=None) -> nn.Module:
                         f"self.config (a {spec.config.__name__}); see graftfx.operator")
     if region.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         op = op.to(dtype=region.dtype)
+    from graftfx.limits import check_operator_size  # the size ceiling (graftfx/limits.py)
+
+    check_operator_size(op, rule, region)
     return op
 
 
@@ -141,7 +145,7 @@ def splice(plan: Plan) -> GraftedModule:
     for rule, region in selected:
         op = build_operator(rule, region)
         target = _free_target(region.path or rule.name, graph, installed, {env[n] for n in region.nodes})
-        node = _replace(graph, env, region, target)
+        node = _replace(graph, env, region, target, op)
         _drop_unused_attrs(graph)
         installed[target] = op
         records.append(Replacement(rule, region, target, node.name, rule.operator, dataclasses.asdict(op.config)))
@@ -160,20 +164,47 @@ def splice(plan: Plan) -> GraftedModule:
     return gm
 
 
-def _replace(graph: fx.Graph, env, region: Region, target: str) -> fx.Node:
-    """Insert the region's call_module node and erase the region."""
+def passed_inputs(region: Region, op: nn.Module) -> dict[str, fx.Node]:
+    """The region's extra inputs the operator takes (``Operator.takes``), by name."""
+    takes = getattr(op, "takes", frozenset())
+    return {name: node for name, node in region.extra_inputs.items() if feature_of(name) in takes}
+
+
+def _replace(graph: fx.Graph, env, region: Region, target: str, op: nn.Module) -> fx.Node:
+    """Insert the region's call_module node and erase the region.
+
+    The operator gets the region's input (and context), and as keyword arguments the extra
+    inputs it takes (mask, bias terms, rotary tables). A region with a second output (joint
+    attention's context stream) gets a tuple back, unpacked by getitem nodes."""
     nodes = [env[n] for n in region.nodes]
     if any(n.graph is not graph or n._erased for n in nodes):
         raise GraftError(f"region {region.path} overlaps a region spliced before it; select one of them")
-    output = env[region.output]
+    outputs = [env[o] for o in region.outputs]
     args = (env[region.input],) if region.context is None else (env[region.input], env[region.context])
-    with graph.inserting_after(output):
-        new = graph.call_module(target, args)
+    kwargs = {name: env[node] for name, node in passed_inputs(region, op).items()}
+    if len(outputs) == 1:
+        anchor = outputs[0]
+    else:   # before the first use of any output: right after the last input it reads
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        anchor = max([*args, *kwargs.values()], key=order.__getitem__)
+    with graph.inserting_after(anchor):
+        new = graph.call_module(target, args, kwargs)
     new.meta[PATH] = target
-    new.meta[SHAPE] = output.meta.get(SHAPE)
-    new.meta[DTYPE] = output.meta.get(DTYPE)
     new.meta["graftfx_replaces"] = region.path
-    output.replace_all_uses_with(new)
+    if len(outputs) == 1:
+        new.meta[SHAPE] = outputs[0].meta.get(SHAPE)
+        new.meta[DTYPE] = outputs[0].meta.get(DTYPE)
+        outputs[0].replace_all_uses_with(new)
+    else:
+        prev = new
+        for i, output in enumerate(outputs):
+            with graph.inserting_after(prev):
+                item = graph.call_function(operator.getitem, (new, i))
+            item.meta[PATH] = target
+            item.meta[SHAPE] = output.meta.get(SHAPE)
+            item.meta[DTYPE] = output.meta.get(DTYPE)
+            output.replace_all_uses_with(item)
+            prev = item
     for node in reversed(nodes):  # users before producers; keep what nodes outside still use
         if not node.users:
             graph.erase_node(node)

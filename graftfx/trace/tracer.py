@@ -79,11 +79,12 @@ def trace(model: nn.Module, example_inputs: tuple | list = (), example_kwargs: d
     kwargs = dict(example_kwargs or {})
     start = time.perf_counter()
     errors: dict[str, str] = {}
+    notes: list[str] = []
     gm = None
     used = ""
     if tracer in ("auto", "fx") and not kwargs:
         try:
-            gm = fx.symbolic_trace(model)
+            gm = fx.symbolic_trace(model, concrete_args=_fx_defaults(model, len(args)) or None)
             used = "fx"
         except Exception as e:  # noqa: BLE001 - any tracing failure means: try the next tracer
             errors["torch.fx.symbolic_trace"] = _one_line(e)
@@ -91,7 +92,7 @@ def trace(model: nn.Module, example_inputs: tuple | list = (), example_kwargs: d
         errors["torch.fx.symbolic_trace"] = "keyword example inputs need the export tracer"
     if gm is None and tracer in ("auto", "export"):
         try:
-            gm = _export(model, args, kwargs)
+            gm = _export(model, args, kwargs, notes)
             used = "export"
         except Exception as e:  # noqa: BLE001
             errors["torch.export (non-strict)"] = _one_line(e)
@@ -100,6 +101,7 @@ def trace(model: nn.Module, example_inputs: tuple | list = (), example_kwargs: d
         raise GraftError(f"cannot trace {type(model).__name__}: {detail}. Fix: make forward traceable "
                          "(no data-dependent Python control flow) or pass example inputs it accepts")
     traced = TracedGraph(gm, used, model, args, kwargs, grid or _infer_grid(model))
+    traced.notes.extend(notes)
     if errors:
         traced.notes.append("fell back to torch.export: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     annotate_paths(gm)
@@ -108,23 +110,93 @@ def trace(model: nn.Module, example_inputs: tuple | list = (), example_kwargs: d
     return traced
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    batch = torch.export.Dim.DYNAMIC
+def _fx_defaults(model: nn.Module, given: int) -> dict:
+    """Parameters of ``forward`` after the ``given`` positional example inputs, at their defaults.
 
-    def dims(value):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return {0: batch}
-        return None
-
-    dynamic = {"args": tuple(dims(a) for a in args), "kwargs": {k: dims(v) for k, v in kwargs.items()}}
-    # export's dynamic_shapes mirrors the call: positional names come from the signature.
+    ``torch.fx.symbolic_trace`` makes every parameter a placeholder, so ``attn_mask=None`` becomes
+    a tensor-like proxy and ``if attn_mask is not None`` takes the masked branch (timm). Tracing
+    with the defaults concrete specialises the graph to the call the example inputs make.
+    """
     import inspect
 
-    params = list(inspect.signature(model.forward).parameters)
-    spec = {params[i]: d for i, d in enumerate(dynamic["args"])}
-    spec.update(dynamic["kwargs"])
-    ep = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params[given:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if p.default is None or isinstance(p.default, (bool, int, float, str)):
+            out[p.name] = p.default
+    return out
+
+
+def _batch_of(value) -> int | None:
+    """Dim 0 of the first tensor in ``value`` (args, kwargs, nested tuples/lists/dicts)."""
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[0]) if value.dim() > 0 else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        found = _batch_of(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _dynamic_spec(value, batch: int | None):
+    """export's dynamic_shapes for one input: dim 0 dynamic only on tensors whose dim 0 is the
+    batch (a RoPE table of shape (L, D) or Flux's (L, 3) ids stay static), recursing into
+    tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        if batch is not None and value.dim() > 0 and int(value.shape[0]) == batch:
+            return {0: torch.export.Dim.DYNAMIC}
+        return None
+    if isinstance(value, (tuple, list)):
+        return type(value)(_dynamic_spec(v, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _dynamic_spec(v, batch) for k, v in value.items()}
+    return None
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, notes: list[str]) -> fx.GraphModule:
+    import inspect
+
+    batch = _batch_of((args, kwargs))
+    params = inspect.signature(model.forward).parameters
+    var_kw = next((p.name for p in params.values() if p.kind == inspect.Parameter.VAR_KEYWORD), None)
+    # export's dynamic_shapes mirrors the call by parameter name. Keywords that only **kwargs
+    # takes trip torch.export's own bookkeeping of dynamic shapes, so constants among them
+    # (return_dict=False, use_cache=False) are bound at trace time instead, and said so.
+    extra = {k: v for k, v in kwargs.items() if k not in params or params[k].kind == inspect.Parameter.VAR_KEYWORD}
+    fixed = {k: v for k, v in extra.items() if not _has_tensor(v)} if var_kw else {}
+    if set(extra) - set(fixed):
+        names = ", ".join(sorted(set(extra) - set(fixed)))
+        raise ValueError(f"tensor keyword inputs {names} go to **{var_kw}, which torch.export cannot trace with a "
+                         "dynamic batch; pass them as named parameters of forward")
+    kwargs = {k: v for k, v in kwargs.items() if k not in fixed}
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    spec = {name: _dynamic_spec(value, batch) for name, value in bound.arguments.items()}
+    hook = model.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, **fixed}), with_kwargs=True) if fixed else None
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if fixed:
+        notes.append("fixed at trace time (keywords of **" + var_kw + "): "
+                     + ", ".join(f"{k}={v!r}" for k, v in fixed.items()) + "; call the traced model without them")
     return ep.module()
+
+
+def _has_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    return False
 
 
 _BRACKETS = re.compile(r"\[(\d+)\]")

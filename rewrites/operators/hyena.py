@@ -14,6 +14,10 @@ paper's convention), depthwise, with ``torch.nn.Conv1d`` tap order (last tap = c
 - ``hyena_x2d`` (not in the paper): Hyena-X whose featurizer is a non-causal k x k depthwise
   conv over the (H, W) token grid (plain ``F.conv2d``).
 
+Hyena-X/Y/SE are causal by construction, so they also replace causal self-attention (an LLM's).
+None of them takes a region's rotary embedding, mask or bias (``takes`` is empty): a key-padded
+region is refused, and positions come from the convolutions themselves.
+
 Parameter names follow the paper's release (``in_proj``, ``short_filter``, ``inner_filter``,
 ``out_proj``; filters stored as Conv1d weights (C, 1, K)), so its grafted checkpoints load.
 """
@@ -26,10 +30,13 @@ import torch.nn as nn
 
 from graftfx.kernels.hyena import (BACKENDS, MAX_TAPS, hyena_se_gate, hyena_x_gate, hyena_y_gate, naive,
                                    short_conv)
-from graftfx.match.grid import token_grid
+from graftfx.match.grid import region_token_grid, token_grid
 from graftfx.operator import Backend, Operator
 from graftfx.options import check_choice, check_int
 from graftfx.registry import register_operator
+
+
+CAUSAL_OK = ("self_attention", "causal_self_attention")   # a causal conv never looks ahead
 
 
 def _check_backend(backend, conv_len: int) -> None:
@@ -128,7 +135,7 @@ class _Hyena(Operator):
 causal_conv1d = Backend("causal_conv1d", {"conv_backend": "causal_conv1d"})
 
 
-@register_operator("hyena_x", config=HyenaXConfig, kinds=("self_attention",), loss="l1",
+@register_operator("hyena_x", config=HyenaXConfig, kinds=CAUSAL_OK, loss="l1",
                    description="Hyena-X: causal short conv featurizer over q, k, v; y = q*(k*v)")
 class HyenaX(_Hyena):
     backends = (causal_conv1d,)
@@ -150,7 +157,7 @@ class HyenaX(_Hyena):
         return 2 * tokens * self.short_filter.in_channels * self.config.conv_len
 
 
-@register_operator("hyena_y", config=HyenaYConfig, kinds=("self_attention",), loss="l1",
+@register_operator("hyena_y", config=HyenaYConfig, kinds=CAUSAL_OK, loss="l1",
                    description="Hyena-Y: y = q*h(k*v), h a causal short conv (identity at init)")
 class HyenaY(_Hyena):
     def __init__(self, dim: int, config: HyenaYConfig, **kw):
@@ -168,7 +175,7 @@ class HyenaY(_Hyena):
         return 2 * tokens * self.inner_filter.in_channels * self.config.inner_len
 
 
-@register_operator("hyena_se", config=HyenaSEConfig, kinds=("self_attention",), loss="l1",
+@register_operator("hyena_se", config=HyenaSEConfig, kinds=CAUSAL_OK, loss="l1",
                    description="Hyena-SE: short conv featurizer, then y = q*h(k*v)")
 class HyenaSE(_Hyena):
     backends = (causal_conv1d,)
@@ -202,7 +209,7 @@ class HyenaX2D(_Hyena):
     @classmethod
     def from_region(cls, region, config):
         if region.tokens is not None:
-            token_grid(region.tokens, region.grid, who="hyena_x2d")   # fail at build time
+            region_token_grid(region, who="hyena_x2d")   # fail at build time
         return super().from_region(region, config)
 
     def kernel(self, u):                                        # plain PyTorch: no reference

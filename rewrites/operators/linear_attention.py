@@ -6,6 +6,7 @@ O(L d Dh) instead of O(L^2 d). q/k/v/out projections as every attention-family o
 (``graftfx.operator``), the core ``graftfx.kernels.linear_attn.linear_attention`` (reference:
 ``linear_attn_ref``). ``init="copy"`` starts from the original attention's projections;
 ``init="fresh"`` is random. The softmax scale plays no part (phi is applied to q and k as is).
+It applies the region's rotary embedding (the attention base does) and no mask or bias.
 """
 from __future__ import annotations
 

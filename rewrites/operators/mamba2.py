@@ -1,5 +1,6 @@
 """Mamba-2 (SSD) as a self-attention replacement: one causal scan over the raster-order tokens
-(the paper's config: d_state 64, d_conv 4, expand 2, headdim 16, one direction).
+(the paper's config: d_state 64, d_conv 4, expand 2, headdim 16, one direction). It takes no
+rotary embedding, mask or bias of a region.
 
     in_proj: d -> [z (d_inner) | x (d_inner) | B (G*N) | C (G*N) | dt (nheads)]
     x|B|C   -> causal depthwise conv1d (length d_conv) + SiLU

@@ -18,7 +18,7 @@ from graftfx.registry import register_operator
 
 ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu,
-    "relu": F.relu, "mish": F.mish,
+    "relu": F.relu, "mish": F.mish, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),   # CLIP
 }
 MLP_INITS = ("auto", "copy", "fresh")     # auto: copy when the hidden width and activation are unchanged
 

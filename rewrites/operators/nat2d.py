@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graftfx.kernels.nat2d import naive_nat2d, neighborhood_attention_2d
-from graftfx.match.grid import token_grid
+from graftfx.match.grid import region_token_grid, token_grid
 from graftfx.operator import AttentionConfig, AttentionOperator
 from graftfx.options import check_int
 from graftfx.registry import register_operator
@@ -34,7 +34,7 @@ class NeighborhoodAttention2D(AttentionOperator):
     @classmethod
     def from_region(cls, region, config):
         if region.tokens is not None:
-            token_grid(region.tokens, region.grid, who="nat2d")   # fail at build time, not at the first call
+            region_token_grid(region, who="nat2d")   # fail at build time, not at the first call
         return super().from_region(region, config)
 
     def kernel(self, q, k, v):

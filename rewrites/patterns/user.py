@@ -26,7 +26,7 @@ from graftfx.match.walk import params_of, region_nodes
 from graftfx.registry import PATTERNS, register_pattern
 from graftfx.trace.tracer import TracedGraph, module_path, node_dtype, node_shape
 
-BUILTIN = {"self_attention", "cross_attention", "mlp"}
+BUILTIN = {"self_attention", "causal_self_attention", "cross_attention", "joint_attention", "mlp"}
 
 
 def pattern(name: str, kind: str | None = None):
@@ -63,7 +63,7 @@ def _matcher(name: str, kind: str, pattern_graph: fx.Graph):
             report.regions.append(Region(
                 path=path, kind=kind, pattern=name, input=x, output=out, nodes=nodes,
                 width=shape[-1] if shape else 0, out_width=(node_shape(out) or (0,))[-1], tokens=tokens,
-                grid=region_grid(traced.grid, tokens), block_index=block_index(path),
+                grid=region_grid(traced, x, tokens), block_index=block_index(path),
                 weights={k: v.detach() for k, v in params_of(nodes, traced.gm).items()},
                 params=count_params(params_of(nodes, traced.gm).values()),
                 flops=graph_flops(traced.gm, traced.batch_size, nodes), dtype=node_dtype(x),

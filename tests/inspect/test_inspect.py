@@ -13,7 +13,8 @@ def _rules():
 def test_inspect_table_totals_and_diff(tiny_dit, tmp_path):
     report = graftfx.inspect(tiny_dit, _rules(), tiny_dit.example_inputs(2), name="tiny")
     rows = {r.path: r for r in report.rows}
-    assert set(rows) >= {"blocks.0.attn", "blocks.3.attn", "blocks.0.mlp", "t_embedder.mlp"}
+    assert set(rows) >= {"blocks.0.attn", "blocks.3.attn", "blocks.0.mlp"}
+    assert "t_embedder.mlp" not in rows          # a (B, D) timestep MLP is not a token MLP region
     assert rows["blocks.1.attn"].selected and not rows["blocks.0.attn"].selected
     assert rows["blocks.0.mlp"].operator == "mlp" and rows["blocks.0.mlp"].params_after == 64 * 384 + 384 + 384 * 64 + 64
     t = report.totals
@@ -58,6 +59,6 @@ def test_explain_names_nearest_candidates_and_failed_condition(tiny_dit):
     cross, selfa = out
     assert cross.matched == [] and cross.blocks == 4
     text = str(cross)
-    assert "nothing matched; the model contains: self_attention x4, mlp x5" in text
+    assert "nothing matched; the model contains: self_attention x4, mlp x4" in text  # t_embedder: (B, D), not a token MLP
     assert "blocks.0.attn: attention found, but it is self_attention, not cross_attention" in text
     assert selfa.selected == ["blocks.1.attn", "blocks.3.attn"] and selfa.missing_blocks == []

@@ -116,6 +116,6 @@ def test_region_record_fields(dit_s2):
     assert torch.equal(attn.weights["v.weight"], w[768:]) and torch.equal(attn.weights["out.weight"], dit_s2.blocks[3].attn.proj.weight)
     # FLOPs per sample: 4 projections of 2*L*D*D plus QK^T and PV at 2*L*L*D each
     assert attn.flops == 4 * 2 * 256 * 384 * 384 + 4 * 256 * 256 * 384
-    mlp = graftfx.match(traced, "mlp").regions[1]
+    mlp = graftfx.match(traced, "mlp").regions[0]      # the (B, D) t_embedder MLP is no token MLP
     assert (mlp.path, mlp.hidden, mlp.activation, mlp.flops) == ("blocks.0.mlp", 1536, "gelu_tanh", 2 * 2 * 256 * 384 * 1536)
     assert attn.input.name.startswith("add") and attn.output.target == "blocks.3.attn.proj"

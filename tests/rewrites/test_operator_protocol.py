@@ -28,6 +28,15 @@ NAMES = sorted(operators())
 OPTIONS = {"mamba2": {"d_state": 4, "headdim": 8, "chunk_size": 16}}
 
 
+class _Joined(torch.nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.text, self.image, self.attn = torch.nn.Linear(WIDTH, WIDTH), torch.nn.Linear(WIDTH, WIDTH), attn
+
+    def forward(self, x):
+        return self.attn(torch.cat([self.text(x[:, :5]), self.image(x[:, 5:])], dim=1))
+
+
 def _region(kind):
     torch.manual_seed(5)
     x = torch.randn(2, TOKENS, WIDTH)
@@ -35,14 +44,17 @@ def _region(kind):
         module = SelfAttention(WIDTH, 2, norm="layer_norm", over="head", scale=0.5)
     elif kind == "mlp":
         module = Mlp(WIDTH, 4 * WIDTH)
+    elif kind == "joint_attention":      # two streams of the input joined, then attention (Flux single-block style)
+        module = _Joined(SelfAttention(WIDTH, 2, norm="layer_norm", over="head", scale=0.5))
+        return traced_region(module, x, kind=kind, grid=(2, 2))    # the image stream: the last 4 tokens
     else:
         pytest.fail(f"no test region for kind {kind!r}: add one here")
-    return traced_region(module, x, kind=kind)
+    return traced_region(module, x, kind=kind, grid=(3, 3))    # the user's grid: 9 tokens say nothing themselves
 
 
 @pytest.fixture(scope="module")
 def regions():
-    return {kind: _region(kind) for kind in ("self_attention", "mlp")}
+    return {kind: _region(kind) for kind in ("self_attention", "mlp", "joint_attention")}
 
 
 def _built(name, regions):

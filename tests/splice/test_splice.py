@@ -61,7 +61,7 @@ def test_state_load_refuses_other_graft(tiny_dit, tmp_path):
 def test_rule_matching_nothing_lists_model_contents(tiny_dit):
     with pytest.raises(GraftError) as e:
         graftfx.graft(tiny_dit, [Rule("cross_attention", "mha")], tiny_dit.example_inputs(2))
-    assert "matched nothing in DiT; the model contains: self_attention x4, mlp x5" in str(e.value)
+    assert "matched nothing in DiT; the model contains: self_attention x4, mlp x4" in str(e.value)  # t_embedder: (B, D), not a token MLP
 
 
 def test_grafted_model_runs_under_torch_compile(tiny_dit):

@@ -1,0 +1,208 @@
+"""Matching what real models contain, on small hand-written modules: joint streams behind norms,
+modulations and projections; masks that are no mask, padding masks, causal masks; additive
+biases; token grids from the graph (never from a square token count); token-sequence MLPs only;
+CLIP's quick_gelu; the joint neighbourhood attention against its dense masked reference."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graftfx
+from graftfx import GraftError, Rule, Select
+from graftfx.rewrites.patterns.attention import analyse
+
+from .zoo import InterleavedQKV
+
+D = 32
+
+
+def _same(model, traced_or_grafted, *inputs):
+    with torch.no_grad():
+        return float((traced_or_grafted(*inputs) - model(*inputs)).abs().max())
+
+
+class Modulated(nn.Module):
+    """Text and image tokens joined, then norm, adaLN modulation and a projection before q/k/v:
+    joint attention, whatever stands between the cat and the attention."""
+
+    def __init__(self, learned_prefix: bool = False):
+        super().__init__()
+        self.learned_prefix = learned_prefix
+        self.ctx_in, self.norm, self.mod = nn.Linear(24, D), nn.LayerNorm(D), nn.Linear(8, 2 * D)
+        self.pre = nn.Linear(D, D)
+        self.prefix = nn.Parameter(torch.randn(1, 5, D))
+        self.attn = InterleavedQKV()
+
+    def forward(self, x, ctx, t):
+        first = self.prefix.expand(x.shape[0], -1, -1) if self.learned_prefix else self.ctx_in(ctx)
+        h = torch.cat([first, x], dim=1)
+        scale, shift = self.mod(t).unsqueeze(1).chunk(2, dim=-1)
+        h = self.pre(self.norm(h) * (1 + scale) + shift)
+        return self.attn(h)[:, 5:]
+
+
+def _modulated_inputs(batch):
+    return torch.randn(batch, 16, D), torch.randn(batch, 5, 24), torch.randn(batch, 8)
+
+
+def test_joint_behind_norm_modulation_and_projection():
+    model = Modulated().eval()
+    traced = graftfx.trace(model, _modulated_inputs(2))
+    (r,) = analyse(traced)[0]
+    assert r.kind == "joint_attention" and r.details["segments"] == [("context", 5), ("x", 16)]
+    assert graftfx.match(traced, "self_attention").regions == []
+    grafted = graftfx.splice(graftfx.select(traced, [Rule("joint_attention", "mha")]))
+    assert _same(model, grafted, *_modulated_inputs(3)) < 1e-5
+    with pytest.raises(GraftError, match="replaces self_attention or causal_self_attention regions, but attn is "
+                                         "joint_attention"):
+        graftfx.select(traced, [Rule("joint_attention", "hyena_x")])
+
+
+def test_learned_prefix_tokens_are_not_a_stream():
+    # a class/register token (a parameter) joined to the image tokens is still self-attention
+    traced = graftfx.trace(Modulated(learned_prefix=True).eval(), _modulated_inputs(2))
+    assert [r.kind for r in analyse(traced)[0]] == ["self_attention"]
+
+
+class MaskedAttention(nn.Module):
+    """Explicit softmax with an additive bias (a learned table) and an optional padding mask."""
+
+    def __init__(self, causal=False, padding=False):
+        super().__init__()
+        self.causal, self.padding = causal, padding
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.bias = nn.Parameter(torch.randn(4, 8, 8))
+        self.scale = (D // 4) ** -0.5
+
+    def forward(self, x, keep):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 4, C // 4).permute(2, 0, 3, 1, 4).unbind(0)
+        s = (q @ k.transpose(-2, -1)) * self.scale + self.bias
+        if self.causal:
+            s = s + torch.full((N, N), float("-inf")).triu(1)
+        if self.padding:
+            s = s + (1.0 - keep[:, None, None, :].float()) * -1e9
+        o = s.softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class Masked(nn.Module):
+    def __init__(self, causal=False, padding=False):
+        super().__init__()
+        self.attn = MaskedAttention(causal, padding)
+
+    def forward(self, x, keep):
+        return x + self.attn(x, keep)
+
+
+def _keep(batch):
+    keep = torch.ones(batch, 8)
+    keep[-1, -3:] = 0
+    return keep
+
+
+@pytest.mark.parametrize("causal, padding, kind, features", [
+    (False, False, "self_attention", ("bias",)),
+    (True, False, "causal_self_attention", ("bias",)),
+    (False, True, "self_attention", ("mask", "bias")),
+])
+def test_masks_and_biases_are_carried_and_reproduced(causal, padding, kind, features):
+    model = Masked(causal, padding).eval()
+    traced = graftfx.trace(model, (torch.randn(2, 8, D), _keep(2)))
+    (r,) = analyse(traced)[0]
+    assert (r.kind, r.features) == (kind, features)
+    grafted = graftfx.splice(graftfx.select(traced, [Rule(kind, "mha")]))
+    for batch in (1, 3):
+        assert _same(model, grafted, torch.randn(batch, 8, D), _keep(batch)) < 1e-5
+    if padding:
+        with pytest.raises(GraftError, match="it carries a key-padding mask, which swa does not take"):
+            graftfx.select(traced, [Rule(kind, "swa")])
+    elif not causal:
+        plan = graftfx.select(traced, [Rule(kind, "swa")])          # a bias is optional: dropped, said so
+        assert plan.outcomes[0].notes == ["swa does not apply the additive attention bias (e.g. relative-position "
+                                          "bias) of attn: it is trained without it"]
+
+
+class Tokens(nn.Module):
+    """A text encoder block over 16 token ids: 16 is a square, but there is no 4x4 image."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn = nn.Embedding(50, D), InterleavedQKV()
+        self.patch = nn.Conv2d(3, D, 4, 4)
+
+    def forward(self, ids, image):
+        text = self.attn(self.embed(ids))
+        patches = self.patch(image).flatten(2).transpose(1, 2)        # (B, 16, D) from a 4x4 map
+        return text, self.attn(patches)
+
+
+def test_grids_come_from_the_model_never_from_a_square_count():
+    model = Tokens().eval()
+    inputs = (torch.randint(0, 50, (2, 16)), torch.randn(2, 3, 16, 16))
+    text, image = graftfx.match(graftfx.trace(model, inputs), "self_attention").regions
+    assert (text.tokens, text.grid) == (16, None)
+    assert (image.tokens, image.grid) == (16, (4, 4))
+    traced = graftfx.trace(model, inputs, grid=(2, 8))                 # the user's grid wins
+    assert {r.grid for r in graftfx.match(traced, "self_attention").regions} == {(2, 8)}
+    with pytest.raises(GraftError, match="nat2d needs the token grid, and attn has none"):
+        graftfx.splice(graftfx.select(graftfx.trace(model, inputs), [Rule("self_attention", "nat2d", Select(paths=["*"]))]))
+
+
+class Embedded(nn.Module):
+    """A timestep MLP over (B, D) vectors, an adaLN chain, a token MLP with CLIP's quick_gelu."""
+
+    def __init__(self):
+        super().__init__()
+        self.t1, self.t2 = nn.Linear(8, D), nn.Linear(D, D)
+        self.ada = nn.Linear(D, 2 * D)
+        self.fc1, self.fc2 = nn.Linear(D, 64), nn.Linear(64, D)
+
+    def forward(self, x, t):
+        emb = self.t2(F.silu(self.t1(t)))                              # (B, D): not a token MLP
+        scale, shift = self.ada(F.silu(emb)).unsqueeze(1).chunk(2, -1)
+        h = x * (1 + scale) + shift
+        h = self.fc1(h)
+        return self.fc2(h * torch.sigmoid(1.702 * h)) + emb.unsqueeze(1)
+
+
+def test_only_token_sequence_mlps_and_quick_gelu():
+    model = Embedded().eval()
+    traced = graftfx.trace(model, (torch.randn(2, 16, D), torch.randn(2, 8)))
+    report = graftfx.match(traced, "mlp")
+    assert [(r.activation, r.tokens, r.path) for r in report.regions] == [("quick_gelu", 16, "fc1")]
+    assert any("not a (batch, tokens, width) token sequence" in c.reason for c in report.near_misses)
+    grafted = graftfx.splice(graftfx.select(traced, [Rule("mlp", "mlp", Select(paths=["*"]))]))
+    assert _same(model, grafted, torch.randn(3, 16, D), torch.randn(3, 8)) < 1e-5
+
+
+# ------------------------------------------------------------ joint neighbourhood attention
+
+@pytest.mark.parametrize("order", [("context", "x"), ("x", "context")])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_joint_nat2d_equals_its_dense_masked_reference(order, kernel_size):
+    from graftfx.registry import get_operator
+    from graftfx.rewrites.operators.joint_nat2d import dense_mask
+
+    from ..rewrites._support import region
+
+    spec = get_operator("joint_nat2d")
+    reg = region(width=D, tokens=16, heads=4, kind="joint_attention", grid=(4, 4),
+                 details={"segments": [(n, 16 if n == "x" else 5) for n in order]})
+    op = spec.cls.from_region(reg, spec.make_config({"kernel_size": kernel_size, "init": "fresh"}))
+    segments = tuple((n, 16 if n == "x" else 5) for n in order)
+    q, k, v = (torch.randn(2, 4, 21, 8, requires_grad=True) for _ in range(3))
+    got = op.joint_kernel(q, k, v, segments)
+    want = op.reference_attention(q, k, v, segments)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    cot = torch.randn_like(got)
+    g1 = torch.autograd.grad(got, (q, k, v), cot)
+    g2 = torch.autograd.grad(want, (q, k, v), cot)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    mask = dense_mask(segments, (4, 4), kernel_size)
+    names = [n for n, c in segments for _ in range(c)]                # the stream of each position
+    text = [i for i, n in enumerate(names) if n == "context"]
+    assert mask[text].all() and mask[:, text].all()                  # text: global both ways
+    image = [i for i in range(21) if i not in text]
+    assert (mask[image][:, image].sum(1) == min(kernel_size, 4) ** 2).all()   # image: a k x k window
