@@ -9,7 +9,8 @@ from graftfx.errors import GraftError
 
 MODEL_HELP = ("'digits' (the bundled pretrained model), a preset (DiT-S/2 ... DiT-XL/8; traced on the meta device unless --materialize), "
               "a DiT checkpoint (.pt/.pth/.safetensors, public DiT key layout), "
-              "or diffusers:dit / diffusers:pixart / diffusers:FOLDER")
+              "diffusers:dit / pixart / unet / hunyuan / sd3 / flux / FOLDER, timm:vit / swin / NAME, "
+              "or transformers:vit / clip / bert / llama / FOLDER (small random models unless a FOLDER or NAME)")
 RULES_HELP = "a TOML rule file (path, or the name of a bundled one in rewrites/rules/)"
 
 COMMANDS: dict[str, tuple] = {}
@@ -214,9 +215,8 @@ def main(argv=None) -> int:
     _register_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    if not getattr(args, "func", None):   # no command: one line naming the choices, exit 2
+        parser.error(f"no COMMAND given; choose one of {', '.join(COMMANDS)}")
     start = time.perf_counter()
     try:
         code = args.func(args)

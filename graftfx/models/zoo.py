@@ -6,6 +6,14 @@
 - a path ending in ``.pt``, ``.pth`` or ``.safetensors``: ``load_dit``.
 - ``diffusers:dit`` / ``pixart`` / ``unet`` / ``hunyuan`` / ``sd3`` / ``flux``: small random
   diffusers models at real structure (for trying things without a hub), or ``diffusers:/local/folder`` holding a saved diffusers transformer.
+- ``timm:vit`` / ``timm:swin``: small random timm models; ``timm:NAME``: ``timm.create_model(NAME)``
+  with random weights (no download) and an image batch at its default input size.
+- ``transformers:vit`` / ``clip`` / ``bert`` / ``llama``: small random transformers models;
+  ``transformers:/local/folder``: a saved model (its ``config.json`` and weights), with example
+  ``pixel_values`` (vision configs) or ``input_ids`` (text configs).
+
+Every small model is seeded and has the structure of its library's real class; only the sizes
+are tiny, so a trace takes a second.
 """
 from __future__ import annotations
 
@@ -34,12 +42,18 @@ def resolve_model(spec: str, *, meta: bool = False, batch: int = 2, seed: int = 
         return model, model.example_inputs(batch), {}
     if spec.startswith("diffusers:"):
         return _diffusers(spec.split(":", 1)[1], batch)
+    if spec.startswith("timm:"):
+        return _timm(spec.split(":", 1)[1], batch)
+    if spec.startswith("transformers:"):
+        return _transformers(spec.split(":", 1)[1], batch)
     path = Path(spec)
     if path.suffix in (".pt", ".pth", ".safetensors"):
         model = load_dit(path)
         return model, model.example_inputs(batch), {}
     choices = ", ".join(list(DiT_models) + ["digits"] + [f"diffusers:{k}" for k in DIFFUSERS_KINDS]
-                        + ["diffusers:FOLDER", "PATH.pt", "PATH.safetensors"])
+                        + ["diffusers:FOLDER"] + [f"timm:{k}" for k in TIMM_KINDS] + ["timm:NAME"]
+                        + [f"transformers:{k}" for k in TRANSFORMERS_KINDS]
+                        + ["transformers:FOLDER", "PATH.pt", "PATH.safetensors"])
     raise GraftError(f"unknown model {spec!r}; valid: {choices}")
 
 
@@ -143,7 +157,8 @@ def _diffusers(what: str, batch: int):
     else:
         folder = Path(what)
         if not (folder / "config.json").is_file():
-            raise GraftError(f"diffusers model folder {folder} has no config.json")
+            raise GraftError(f"diffusers:{what}: not one of {', '.join(DIFFUSERS_KINDS)} and not a folder with a "
+                             "config.json (a saved diffusers model)")
         import json
 
         import diffusers
@@ -154,3 +169,124 @@ def _diffusers(what: str, batch: int):
             raise GraftError(f"{folder}/config.json names class {name!r}, which diffusers does not have")
         model = cls.from_pretrained(str(folder)).eval()
     return model, (), diffusers_inputs(model, batch)
+
+
+# ----------------------------------------------------------------------------------- timm
+
+TIMM_KINDS = ("vit", "swin")
+
+
+def import_timm():
+    """``timm``, or a GraftError saying how to install it (timm imports torchvision)."""
+    try:
+        import timm
+    except ImportError as e:
+        raise GraftError(f"timm could not be imported ({e}); pip install 'graftfx[timm]' with a torchvision "
+                         "that matches your torch") from None
+    return timm
+
+
+def small_timm(kind: str):
+    """Small random timm models at real structure: a ViT and a one-stage Swin (16x16 images)."""
+    timm = import_timm()
+    if kind == "vit":
+        return timm.models.vision_transformer.VisionTransformer(
+            img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+            mlp_ratio=2.0).eval()
+    if kind == "swin":
+        return timm.models.swin_transformer.SwinTransformer(
+            img_size=16, patch_size=2, in_chans=3, num_classes=5, embed_dim=16, depths=(2,), num_heads=(2,),
+            window_size=4, mlp_ratio=2.0).eval()
+    raise GraftError(f"unknown small timm model {kind!r}; valid: {', '.join(TIMM_KINDS)}, or a timm model name")
+
+
+def image_batch(batch: int, size: int = 16, channels: int = 3) -> torch.Tensor:
+    """Example images (batch, channels, size, size), seeded by the batch."""
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(batch))
+
+
+def _timm(what: str, batch: int):
+    if what in TIMM_KINDS:
+        return small_timm(what), (image_batch(batch),), {}
+    if not what.strip():
+        raise GraftError(f"timm:{what}: give a timm model name (timm:vit_base_patch16_224) or one of "
+                         f"{', '.join(TIMM_KINDS)}")
+    timm = import_timm()
+    try:
+        model = timm.create_model(what, pretrained=False).eval()
+    except RuntimeError as e:          # timm's "Unknown model (...)"
+        near = timm.list_models(f"*{what.split('_')[0]}*")[:5]
+        raise GraftError(f"timm:{what}: {str(e).splitlines()[0]}" + (f"; e.g. {', '.join(near)}" if near else "")) from None
+    c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return model, (torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(batch)),), {}
+
+
+# --------------------------------------------------------------------------- transformers
+
+TRANSFORMERS_KINDS = ("vit", "clip", "bert", "llama")
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise GraftError("transformers is not installed; pip install transformers") from None
+    return transformers
+
+
+def small_transformers(kind: str):
+    """Small random transformers models at real structure: ViT and CLIP vision encoders (16x16
+    images), a BERT encoder and a Llama decoder with grouped-query attention (vocabulary 50)."""
+    transformers = _import_transformers()
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "vit":
+        cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **common)
+        return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    if kind == "clip":
+        cfg = transformers.CLIPVisionConfig(image_size=16, patch_size=4, num_channels=3, **common)
+        return transformers.CLIPVisionModel(cfg).eval()
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=50, max_position_embeddings=32, **common)
+        return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=50, max_position_embeddings=32, num_key_value_heads=1,
+                                       use_cache=False, **common)
+        return transformers.LlamaForCausalLM(cfg).eval()
+    raise GraftError(f"unknown small transformers model {kind!r}; valid: {', '.join(TRANSFORMERS_KINDS)}, "
+                     "or a local model folder")
+
+
+def token_batch(batch: int, length: int = 8, vocab: int = 50) -> torch.Tensor:
+    """Example token ids (batch, length), seeded by the batch."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch))
+
+
+def transformers_inputs(model, batch: int) -> dict:
+    """Example keyword inputs for a transformers model, from its config: ``pixel_values`` for
+    vision configs (``image_size``), ``input_ids`` for text configs (``vocab_size``)."""
+    cfg = model.config
+    cfg = getattr(cfg, "vision_config", None) or cfg
+    if getattr(cfg, "image_size", None):
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        return {"pixel_values": image_batch(batch, size, getattr(cfg, "num_channels", 3))}
+    if getattr(cfg, "vocab_size", None):
+        length = min(8, getattr(cfg, "max_position_embeddings", 8) or 8)
+        return {"input_ids": token_batch(batch, length, cfg.vocab_size)}
+    raise GraftError(f"no example inputs for {type(model).__name__} (its config has neither image_size nor "
+                     "vocab_size); trace it from Python with graftfx.trace(model, args, kwargs)")
+
+
+def _transformers(what: str, batch: int):
+    if what in TRANSFORMERS_KINDS:
+        model = small_transformers(what)
+        return model, (), transformers_inputs(model, batch)
+    folder = Path(what)
+    if not (folder / "config.json").is_file():
+        raise GraftError(f"transformers:{what}: not one of {', '.join(TRANSFORMERS_KINDS)} and not a folder with a "
+                         "config.json (a saved transformers model)")
+    transformers = _import_transformers()
+    try:
+        model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise GraftError(f"transformers:{folder}: could not be loaded: {str(e).splitlines()[0]}") from None
+    return model, (), transformers_inputs(model, batch)

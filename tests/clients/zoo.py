@@ -54,66 +54,45 @@ def _first(out):
     return out
 
 
-# --------------------------------------------------------------------------------------- timm
+# ------------------------------------------------------------------------ timm, transformers
+# The models are graftfx's own small specs (graftfx.models.zoo: the CLI's timm:/transformers:
+# models), with random weights at a scale where every block changes the output.
 
-def timm_vit():
-    timm = import_timm()
-    torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=2,
-        mlp_ratio=2.0)
-    return _randomise(model)
+def _timm(kind):
+    def build():
+        import_timm()                      # timm through the torchvision stand-in where needed
+        from graftfx.models.zoo import small_timm
 
+        torch.manual_seed(0)
+        return _randomise(small_timm(kind))
 
-def timm_swin():
-    timm = import_timm()
-    torch.manual_seed(0)
-    model = timm.models.swin_transformer.SwinTransformer(
-        img_size=16, patch_size=2, in_chans=3, num_classes=5, embed_dim=16, depths=(2,), num_heads=(2,),
-        window_size=4, mlp_ratio=2.0)
-    return _randomise(model)
+    return build
 
 
-def _image(batch, size=16):
-    return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)),), {}
+def _image(batch):
+    from graftfx.models.zoo import image_batch
+
+    return (image_batch(batch),), {}
 
 
-# ------------------------------------------------------------------------------- transformers
+def _transformers(kind):
+    def build():
+        from graftfx.models.zoo import small_transformers
 
-def _tf_common():
-    return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        torch.manual_seed(0)
+        return _randomise(small_transformers(kind))
 
-
-def hf_vit():
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **_tf_common())
-    return _randomise(transformers.ViTModel(cfg, add_pooling_layer=False))
-
-
-def hf_clip():
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.CLIPVisionConfig(image_size=16, patch_size=4, num_channels=3, **_tf_common())
-    return _randomise(transformers.CLIPVisionModel(cfg))
+    return build
 
 
 def _pixels(batch):
     return (), {"pixel_values": _image(batch)[0][0]}
 
 
-def hf_bert():
-    import transformers
+def _tokens(batch):
+    from graftfx.models.zoo import token_batch
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, max_position_embeddings=32, **_tf_common())
-    return _randomise(transformers.BertModel(cfg, add_pooling_layer=False))
-
-
-def _tokens(batch, length=8, vocab=50):
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch))
+    return token_batch(batch)
 
 
 def bert_inputs(batch):
@@ -127,17 +106,7 @@ def bert_padded_inputs(batch):
     return (), {"input_ids": _tokens(batch), "attention_mask": mask}
 
 
-def hf_llama():
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=50, max_position_embeddings=32, num_key_value_heads=1,   # GQA
-                                   use_cache=False, **_tf_common())
-    return _randomise(transformers.LlamaForCausalLM(cfg))
-
-
-def llama_inputs(batch):
-    return (), {"input_ids": _tokens(batch)}
+llama_inputs = bert_inputs
 
 
 # ---------------------------------------------------------------------------------- diffusers
@@ -164,14 +133,14 @@ def _diffusers_client(kind: str, name: str, grid=None) -> Client:
 
 
 CLIENTS: dict[str, Client] = {c.name: c for c in [
-    Client("timm:vit", "timm", timm_vit, _image, tracer="fx"),
-    Client("timm:vit-export", "timm", timm_vit, _image, tracer="export"),
-    Client("timm:swin", "timm", timm_swin, _image),
-    Client("transformers:vit", "transformers", hf_vit, _pixels, output=_first),
-    Client("transformers:clip", "transformers", hf_clip, _pixels, output=_first),
-    Client("transformers:bert", "transformers", hf_bert, bert_inputs, output=_first),
-    Client("transformers:bert-padded", "transformers", hf_bert, bert_padded_inputs, output=_first),
-    Client("transformers:llama", "transformers", hf_llama, llama_inputs, output=_first),
+    Client("timm:vit", "timm", _timm("vit"), _image, tracer="fx"),
+    Client("timm:vit-export", "timm", _timm("vit"), _image, tracer="export"),
+    Client("timm:swin", "timm", _timm("swin"), _image),
+    Client("transformers:vit", "transformers", _transformers("vit"), _pixels, output=_first),
+    Client("transformers:clip", "transformers", _transformers("clip"), _pixels, output=_first),
+    Client("transformers:bert", "transformers", _transformers("bert"), bert_inputs, output=_first),
+    Client("transformers:bert-padded", "transformers", _transformers("bert"), bert_padded_inputs, output=_first),
+    Client("transformers:llama", "transformers", _transformers("llama"), llama_inputs, output=_first),
     _diffusers_client("pixart", "PixArtTransformer2DModel"),
     _diffusers_client("dit", "DiTTransformer2DModel"),
     _diffusers_client("unet", "UNet2DConditionModel"),
