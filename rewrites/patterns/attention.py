@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import setitem as _setitem
 
 import torch
 import torch.fx as fx
@@ -200,12 +201,43 @@ class Operand:
     sizes: list[int] = field(default_factory=list)       # token counts of the segments (joint)
 
 
+def _in_place_write(node: fx.Node, gm) -> fx.Node | None:
+    """A node writing into ``node``'s storage (``copy_``, ``mul_``, ``x[..] = y``), through views of
+    it; None when nothing does. Pre-dispatch export and FX keep such writes (CogVideoX rotates
+    the image tokens of q in place), and a walk along the data flow would not see them."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            target = user.target
+            mutating = target is _setitem or (user.op == "call_method" and str(target).endswith("_")
+                                              and not str(target).startswith("__"))
+            schema = getattr(target, "_schema", None)
+            if schema is not None and user.args and user.args[0] is n:
+                mutating = mutating or bool(schema.arguments and schema.arguments[0].alias_info
+                                            and schema.arguments[0].alias_info.is_write)
+            if mutating and user.args and user.args[0] is n:
+                return user
+            if op_kind(user, gm) in ("view", "reshape", "permute", "transpose", "select", "slice", "unflatten",
+                                     "flatten", "squeeze", "unsqueeze", "expand", "alias", "getitem",
+                                     "split", "chunk", "unbind"):
+                stack.append(user)
+    return None
+
+
 def _operand(traced, arg: fx.Node, name: str, allow_norm: bool, allow_rope: bool, depth: int = 0) -> Operand:
     gm = traced.gm
     nodes: list[fx.Node] = []
     scale, norm, rope = 1.0, None, None
     node = arg
     while True:
+        if (write := _in_place_write(node, gm)) is not None:
+            raise Miss(f"attention core found, but {name} is written in place ({write.name}: e.g. a rotary "
+                       f"embedding applied to part of the tokens by slice assignment), which graftfx cannot "
+                       f"carry into a region")
         kind = op_kind(node, gm)
         if kind in ("linear", "addmm"):
             return Operand([Segment(node, norm, scale)], nodes, rope)

@@ -206,3 +206,44 @@ def test_joint_nat2d_equals_its_dense_masked_reference(order, kernel_size):
     assert mask[text].all() and mask[:, text].all()                  # text: global both ways
     image = [i for i in range(21) if i not in text]
     assert (mask[image][:, image].sum(1) == min(kernel_size, 4) ** 2).all()   # image: a k x k window
+
+
+class SliceRotated(nn.Module):
+    """CogVideoX-style: q and k of the image tokens (after a text prefix) rotated in place by slice
+    assignment. A walk along the data flow from the core never sees the write. (torch.fx cannot
+    trace item assignment; export keeps it as ``copy_`` into a slice.)"""
+
+    def __init__(self, in_place: bool = True):
+        super().__init__()
+        self.in_place = in_place
+        self.q, self.k, self.v, self.out = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x, cos, sin):                              # x (N, 4 + L, D); cos/sin (L, 16)
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, 2, 16).transpose(1, 2) for p in (self.q, self.k, self.v))  # (N, 2, T, 16)
+
+        def rot(u):
+            a, b = u.chunk(2, dim=-1)
+            return u * cos + torch.cat([-b, a], dim=-1) * sin
+
+        if self.in_place:
+            q[:, :, 4:] = rot(q[:, :, 4:])
+            k[:, :, 4:] = rot(k[:, :, 4:])
+        else:
+            q, k = rot(q), rot(k)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(n, t, D))
+
+
+def test_q_written_in_place_is_a_named_near_miss_never_a_region():
+    torch.manual_seed(0)
+    x, cos, sin = torch.randn(2, 20, D), torch.randn(16, 16), torch.randn(16, 16)
+    tg = graftfx.trace(SliceRotated().eval(), (x, cos, sin))
+    assert tg.tracer == "export"
+    regions, misses = analyse(tg)
+    assert regions == []
+    assert len(misses) == 1 and "q is written in place" in misses[0].reason
+    # the same rotation applied to every token is carried as RoPE
+    tg = graftfx.trace(SliceRotated(in_place=False).eval(), (torch.randn(2, 16, D), cos, sin), tracer="export")
+    (region,), _ = analyse(tg)
+    assert region.features == ("rope",)
