@@ -9,7 +9,7 @@ from graftfx.errors import GraftError
 
 MODEL_HELP = ("'digits' (the bundled pretrained model), a preset (DiT-S/2 ... DiT-XL/8; traced on the meta device unless --materialize), "
               "a DiT checkpoint (.pt/.pth/.safetensors, public DiT key layout), "
-              "diffusers:dit / pixart / unet / hunyuan / sd3 / flux / FOLDER, timm:vit / swin / NAME, "
+              "diffusers:dit / pixart / unet / hunyuan / sd3 / flux / stable_audio / FOLDER, timm:vit / swin / NAME, "
               "or transformers:vit / clip / bert / llama / FOLDER (small random models unless a FOLDER or NAME)")
 RULES_HELP = "a TOML rule file (path, or the name of a bundled one in rewrites/rules/)"
 

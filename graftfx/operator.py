@@ -279,9 +279,10 @@ class AttentionOperator(Operator):
         """The original's rotary embedding on q (and k), from the tables the region carries."""
         if self.rope is None or "q_cos" not in extra:
             return q, k
-        q = apply_rope(q, extra["q_cos"], extra["q_sin"], self.rope["style"], self.rope["layout"])
+        style, layout, rot_dim = self.rope["style"], self.rope["layout"], self.rope.get("rot_dim")
+        q = apply_rope(q, extra["q_cos"], extra["q_sin"], style, layout, rot_dim)
         if self.rope.get("k", True) and "k_cos" in extra:
-            k = apply_rope(k, extra["k_cos"], extra["k_sin"], self.rope["style"], self.rope["layout"])
+            k = apply_rope(k, extra["k_cos"], extra["k_sin"], style, layout, rot_dim)
         return q, k
 
     def attend(self, q, k, v, extra: dict, segments=None):
@@ -345,9 +346,14 @@ def rotate_half(t: torch.Tensor, style: str) -> torch.Tensor:
     return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
-def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, layout: str) -> torch.Tensor:
+def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, layout: str,
+               rot_dim: int | None = None) -> torch.Tensor:
     """``t*cos + rot(t)*sin`` on t (B, H, L, Dh), with tables that broadcast against the
-    original's layout there ("BHLD" or "BLHD"), computed in fp32 as the originals do."""
+    original's layout there ("BHLD" or "BLHD"), computed in fp32 as the originals do; with
+    ``rot_dim``, on the first rot_dim channels of each head only (the rest pass unchanged)."""
+    if rot_dim is not None and rot_dim < t.shape[-1]:
+        head, tail = t[..., :rot_dim], t[..., rot_dim:]
+        return torch.cat([apply_rope(head, cos, sin, style, layout), tail], dim=-1)
     if layout == "BLHD":
         t = t.transpose(1, 2)
     out = (t.float() * cos + rotate_half(t, style).float() * sin).to(t.dtype)

@@ -57,7 +57,7 @@ def resolve_model(spec: str, *, meta: bool = False, batch: int = 2, seed: int = 
     raise GraftError(f"unknown model {spec!r}; valid: {choices}")
 
 
-DIFFUSERS_KINDS = ("dit", "pixart", "unet", "hunyuan", "sd3", "flux")
+DIFFUSERS_KINDS = ("dit", "pixart", "unet", "hunyuan", "sd3", "flux", "stable_audio")
 
 
 def small_diffusers(kind: str):
@@ -97,6 +97,11 @@ def small_diffusers(kind: str):
             patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16,
             axes_dims_rope=(4, 6, 6)).eval()
+    if kind == "stable_audio":   # grouped-query self-attention, rotary on half of each head
+        return diffusers.StableAudioDiTModel(
+            sample_size=16, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=24, time_proj_dim=16,
+            global_states_input_dim=12, cross_attention_input_dim=20).eval()
     raise GraftError(f"unknown diffusers test model {kind!r}; valid: {', '.join(DIFFUSERS_KINDS)}")
 
 
@@ -137,6 +142,12 @@ def small_diffusers_inputs(kind: str, batch: int, model=None) -> dict:
         return dict(hidden_states=randn(batch, side * side, 8), encoder_hidden_states=randn(batch, text, 24),
                     pooled_projections=randn(batch, 16), timestep=steps.float() / 1000,
                     img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3), return_dict=False)
+    if kind == "stable_audio":
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        rope = get_1d_rotary_pos_embed(8, 16 + 1, use_real=True, repeat_interleave_real=False)  # + the global token
+        return dict(hidden_states=randn(batch, 4, 16), timestep=steps, encoder_hidden_states=randn(batch, 5, 20),
+                    global_hidden_states=randn(batch, 1, 12), rotary_embedding=rope, return_dict=False)
     raise GraftError(f"unknown diffusers test model {kind!r}; valid: {', '.join(DIFFUSERS_KINDS)}")
 
 
@@ -145,7 +156,7 @@ def diffusers_inputs(model, batch: int) -> dict:
     name = type(model).__name__
     kind = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "UNet2DConditionModel": "unet",
             "HunyuanDiT2DModel": "hunyuan", "SD3Transformer2DModel": "sd3",
-            "FluxTransformer2DModel": "flux"}.get(name)
+            "FluxTransformer2DModel": "flux", "StableAudioDiTModel": "stable_audio"}.get(name)
     if kind is None:
         raise GraftError(f"no example inputs for diffusers model {name}; pass example inputs yourself")
     return small_diffusers_inputs(kind, batch)

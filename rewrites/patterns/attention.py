@@ -253,6 +253,11 @@ def _operand(traced, arg: fx.Node, name: str, allow_norm: bool, allow_rope: bool
         elif kind == "add" and allow_rope and rope is None and (found := _rope(traced, node)) is not None:
             rope, prev = found, found["t"]
             nodes.pop()
+        elif kind == "cat" and allow_rope and rope is None and (found := _partial_rope(traced, node)) is not None:
+            rope, prev = found, found["t"]          # rotary on the first rot_dim channels (StableAudio)
+            nodes.pop()
+        elif kind in ("repeat_interleave", "aten::repeat_interleave") and name != "q" and _repeats_heads(node):
+            prev = first_tensor_arg(node)           # grouped-query k/v: heads repeated (StableAudio)
         elif kind == "cat" and depth == 0:
             return _joint_operand(traced, node, name, nodes, scale, norm, rope, allow_norm)
         else:
@@ -310,6 +315,48 @@ def _rope(traced, add: fx.Node) -> dict | None:
                     return None
                 return {"t": t, "cos": cos, "sin": sin, "style": style, "add": add, "rot_nodes": chain}
     return None
+
+
+def _partial_rope(traced, cat: fx.Node) -> dict | None:
+    """``cat([rope(t[..., :r]), t[..., r:]], -1)``: a rotary embedding on the first ``r`` channels
+    of each head (the rest pass unrotated): the rope record of ``t`` with ``rot_dim`` r, or None."""
+    gm = traced.gm
+    shape = node_shape(cat)
+    parts = cat.args[0] if cat.args else ()
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if not shape or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1 or len(parts) != 2:
+        return None
+    rotated, rest = (_strip(p, gm) for p in parts)
+    if not all(isinstance(p, fx.Node) for p in (rotated, rest)) or op_kind(rotated, gm) != "add":
+        return None
+    found = _rope(traced, rotated)
+    if found is None:
+        return None
+    head, tail = found["t"], rest
+    source = first_tensor_arg(head)
+    if source is None or first_tensor_arg(tail) is not source or not {op_kind(head, gm), op_kind(tail, gm)} <= {
+            "slice", "getitem"}:
+        return None
+    d = shape[-1]
+    ids = torch.arange(d, dtype=torch.float32).expand(*node_shape(source))
+    try:
+        got_head = probe_many([head], {source: ids}, gm, head).reshape(-1, node_shape(head)[-1])[0]
+        got_tail = probe_many([tail], {source: ids}, gm, tail).reshape(-1, node_shape(tail)[-1])[0]
+    except Exception:  # noqa: BLE001 - slices we cannot run are not ones we know
+        return None
+    r = got_head.numel()
+    if not (torch.equal(got_head, torch.arange(r, dtype=torch.float32))
+            and torch.equal(got_tail, torch.arange(r, d, dtype=torch.float32))):
+        return None
+    return {**found, "t": source, "add": cat, "rot_dim": r}
+
+
+def _repeats_heads(node: fx.Node) -> bool:
+    """``repeat_interleave(t, n, dim=1)`` with an integer count on a 4-d (B, H, L, Dh) tensor."""
+    shape = node_shape(first_tensor_arg(node)) or ()
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    return len(shape) == 4 and isinstance(repeats, int) and dim in (1, -3)
 
 
 def _rot_chain(rot: fx.Node, t: fx.Node, gm, limit: int = 16) -> list[fx.Node] | None:
@@ -757,7 +804,11 @@ def _build(traced, kind, core: Core, ops, streams, extra, details) -> Region:
             if k_rope["style"] != rope["style"] or k_layout != layout:
                 raise Miss("attention core found, but q and k are rotated differently")
             extra_inputs.update(k_cos=k_rope["cos"], k_sin=k_rope["sin"])
+            if k_rope.get("rot_dim") != rope.get("rot_dim"):
+                raise Miss("attention core found, but q and k are rotated on different channels")
         details["rope"] = {"style": rope["style"], "layout": layout, "k": k_rope is not None}
+        if rope.get("rot_dim") is not None:
+            details["rope"]["rot_dim"] = rope["rot_dim"]
     if joint2:
         sizes = ops["q"].sizes
         details["segments"] = [("x" if i == main else "context", sizes[i]) for i in range(2)]

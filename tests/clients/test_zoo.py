@@ -35,6 +35,7 @@ EXPECTED = {   # regions by kind: what a user of each library should find
     "diffusers:hunyuan": {"self_attention": 4, "cross_attention": 4, "mlp": 4},
     "diffusers:sd3": {"joint_attention": 2, "mlp": 3},
     "diffusers:flux": {"joint_attention": 4, "mlp": 4},
+    "diffusers:stable_audio": {"joint_attention": 2, "cross_attention": 2, "mlp": 4},   # + the two conditioning MLPs
 }
 NAMES = [pytest.param(n, id=n) for n in EXPECTED]
 

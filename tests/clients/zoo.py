@@ -147,6 +147,7 @@ CLIENTS: dict[str, Client] = {c.name: c for c in [
     _diffusers_client("hunyuan", "HunyuanDiT2DModel"),
     _diffusers_client("sd3", "SD3Transformer2DModel"),
     _diffusers_client("flux", "FluxTransformer2DModel", grid=(4, 4)),   # packed latents: the user says
+    _diffusers_client("stable_audio", "StableAudioDiTModel"),
 ]}
 
 

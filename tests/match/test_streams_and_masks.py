@@ -247,3 +247,50 @@ def test_q_written_in_place_is_a_named_near_miss_never_a_region():
     tg = graftfx.trace(SliceRotated(in_place=False).eval(), (torch.randn(2, 16, D), cos, sin), tracer="export")
     (region,), _ = analyse(tg)
     assert region.features == ("rope",)
+
+
+class PartialRotaryGQA(nn.Module):
+    """StableAudio-style: k/v with one head repeated for both q heads (repeat_interleave), and a
+    rotary embedding on the first 8 of each head's 16 channels, the rest unrotated."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.out = nn.Linear(D, D), nn.Linear(D, D)
+        self.k, self.v = nn.Linear(D, 16), nn.Linear(D, 16)
+
+    def forward(self, x, cos, sin):                              # x (N, L, D); cos/sin (L, 8)
+        n, t, _ = x.shape
+        q = self.q(x).view(n, t, 2, 16).transpose(1, 2)           # (N, 2, L, 16)
+        k, v = (p(x).view(n, t, 1, 16).transpose(1, 2) for p in (self.k, self.v))
+        k, v = (torch.repeat_interleave(u, 2, dim=1) for u in (k, v))
+
+        def rot(u):
+            head, rest = u[..., :8], u[..., 8:]
+            a, b = head.chunk(2, dim=-1)
+            return torch.cat([head * cos + torch.cat([-b, a], dim=-1) * sin, rest], dim=-1)
+
+        o = F.scaled_dot_product_attention(rot(q), rot(k), v)
+        return self.out(o.transpose(1, 2).reshape(n, t, D))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_partial_rotary_and_repeated_kv_heads_are_carried(tracer, monkeypatch):
+    torch.manual_seed(0)
+    model = PartialRotaryGQA().eval()
+    inputs = (torch.randn(2, 16, D), torch.randn(16, 8), torch.randn(16, 8))
+    tg = graftfx.trace(model, inputs, tracer=tracer)
+    (region,), misses = analyse(tg)
+    assert misses == [] and region.features == ("rope",)
+    assert region.details["rope"] == {"style": "half", "layout": "BHLD", "k": True, "rot_dim": 8}
+    k = region.weights["k.weight"]                     # one k head, expanded for both q heads
+    assert k.shape == (D, D) and torch.equal(k[:16], k[16:])
+    grafted = graftfx.splice(graftfx.select(tg, [Rule("self_attention", "mha")]))
+    assert _same(model, grafted, *inputs) < 1e-5
+    # rotating all 16 channels instead of the first 8 is far from the original
+    import graftfx.operator as operator_module
+
+    full = operator_module.apply_rope
+    monkeypatch.setattr(operator_module, "apply_rope", lambda t, c, s, style, layout, rot_dim=None: full(
+        t, torch.cat([c, c], -1), torch.cat([s, s], -1), style, layout))
+    grafted = graftfx.splice(graftfx.select(tg, [Rule("self_attention", "mha")]))
+    assert _same(model, grafted, *inputs) > 1e-3
