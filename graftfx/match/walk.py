@@ -65,7 +65,7 @@ def walk_forward(start: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, li
     crossed: list[fx.Node] = []
     node = start
     while True:
-        users = [u for u in node.users if not _is_side_effect(u)]
+        users = [u for u in node.users if not is_side_effect(u)]
         if len(users) != 1:
             return None, crossed, f"{node.name} has {len(users)} users"
         user = users[0]
@@ -98,9 +98,9 @@ def scalar_operand(node: fx.Node):
     return None
 
 
-def _is_side_effect(node: fx.Node) -> bool:
-    return not node.users and op_kind(node) in ("aten::_assert_tensor_metadata", "_assert_tensor_metadata",
-                                                 "aten::_assert_scalar", "_assert_scalar")
+def is_side_effect(node: fx.Node) -> bool:
+    """A node nothing uses that only checks (export's ``_assert_tensor_metadata``/``_assert_scalar``)."""
+    return not node.users and "assert" in op_kind(node)
 
 
 def descendants(roots: list[fx.Node], ceiling: int | None = None, order: dict | None = None) -> set[fx.Node]:
@@ -151,7 +151,7 @@ def region_nodes(inputs: list[fx.Node], output: fx.Node) -> tuple[fx.Node, ...]:
     inside = (ancestors(output, floor, order) | {output}) & descendants(inputs, order[output], order)
     if len(inputs) > 1:
         inside -= set().union(*(ancestors(i, floor, order) for i in inputs))
-    inside |= {u for n in inside for u in n.users if _is_side_effect(u)}
+    inside |= {u for n in inside for u in n.users if is_side_effect(u)}
     return tuple(sorted(inside, key=order.__getitem__))
 
 

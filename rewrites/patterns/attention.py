@@ -37,8 +37,8 @@ from graftfx.match.region import (CAUSAL_SELF_ATTENTION, CROSS_ATTENTION, JOINT_
                                   Region)
 from graftfx.match.report import Candidate, MatchReport, analysis_cache
 from graftfx.match.streams import depends_on_input, static_values, stream_origin
-from graftfx.match.walk import (NORMS, channel_ids, first_tensor_arg, params_of, probe_many, region_nodes,
-                                scalar_operand)
+from graftfx.match.walk import (NORMS, channel_ids, first_tensor_arg, is_side_effect, params_of, probe_many,
+                                region_nodes, scalar_operand, walk_forward)
 from graftfx.registry import register_pattern
 from graftfx.trace.ops import SHAPE_OPS, attr_value, linear_input, linear_params, op_kind, tensor_args
 from graftfx.trace.tracer import TracedGraph, module_path, node_dtype, node_shape
@@ -151,7 +151,7 @@ def _explicit_core(softmax: fx.Node, gm):
 def _pv_matmul(softmax: fx.Node, gm):
     node = softmax
     while True:
-        users = [u for u in node.users if not _side_effect(u)]
+        users = [u for u in node.users if not is_side_effect(u)]
         if len(users) != 1:
             return None
         user = users[0]
@@ -173,10 +173,6 @@ def _reaches_matmul(node: fx.Node, gm, limit: int = 12) -> bool:
         if node is None:
             return False
     return False
-
-
-def _side_effect(node: fx.Node) -> bool:
-    return not node.users and "assert" in op_kind(node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,7 +608,7 @@ def _forward_outputs(traced, core: Core, sizes: list[int]):
     crossed: list[fx.Node] = []
     node = core.out
     while True:
-        users = [u for u in node.users if not _side_effect(u)]
+        users = [u for u in node.users if not is_side_effect(u)]
         if len(sizes) > 1 and users:
             pieces = _token_split(node, users, sizes, gm)
             if pieces is not None:
@@ -621,10 +617,10 @@ def _forward_outputs(traced, core: Core, sizes: list[int]):
                     if piece is None:
                         outs.append((None, [], None))
                         continue
-                    if not [u for u in piece.users if not _side_effect(u)]:
+                    if not [u for u in piece.users if not is_side_effect(u)]:
                         outs.append((None, [], None))   # the stream's output is unused (SD3's last block)
                         continue
-                    lin, more, why = _to_linear(piece, gm)
+                    lin, more, why = walk_forward(piece, gm)
                     if lin is None:
                         raise Miss(f"attention core found, but a stream has no output projection: {why}")
                     outs.append((lin, crossed + _piece_chain(piece, node) + more, piece))
@@ -695,22 +691,6 @@ def _token_slice(u, gm, total):
                 return None
             return node, (s.start or 0, min(s.stop if s.stop is not None else total, total))
     return None
-
-
-def _to_linear(node, gm):
-    crossed = []
-    while True:
-        users = [u for u in node.users if not _side_effect(u)]
-        if len(users) != 1:
-            return None, crossed, f"{node.name} has {len(users)} users"
-        user = users[0]
-        kind = op_kind(user, gm)
-        if kind in ("linear", "addmm") and linear_input(user, gm) is node:
-            return user, crossed, ""
-        if kind not in SHAPE_OPS:
-            return None, crossed, f"{node.name} flows into {kind} ({user.name})"
-        crossed.append(user)
-        node = user
 
 
 def _build(traced, kind, core: Core, ops, streams, extra, details) -> Region:

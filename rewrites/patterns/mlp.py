@@ -20,7 +20,7 @@ from graftfx.match.grid import region_grid
 from graftfx.match.paths import block_index, common_path
 from graftfx.match.region import MLP, Region
 from graftfx.match.report import Candidate, MatchReport, analysis_cache
-from graftfx.match.walk import channel_ids, params_of, probe, region_nodes, walk_back, walk_forward
+from graftfx.match.walk import channel_ids, is_side_effect, params_of, probe, region_nodes, walk_back, walk_forward
 from graftfx.trace.ops import SHAPE_OPS, linear_input, linear_params, op_kind
 from graftfx.trace.tracer import TracedGraph, module_path, node_dtype, node_shape
 from graftfx.registry import register_pattern
@@ -118,17 +118,13 @@ def _feeds_only(fc1: fx.Node, ends: list[fx.Node], x: fx.Node) -> bool:
     while stack:
         n = stack.pop()
         for u in n.users:
-            if _side_effect(u):
+            if is_side_effect(u):
                 continue
             if u not in allowed:
                 return False
             if u not in ends:
                 stack.append(u)
     return True
-
-
-def _side_effect(node: fx.Node) -> bool:
-    return not node.users and "assert" in op_kind(node)
 
 
 def _gating_mul(act: fx.Node, gm):
