@@ -24,7 +24,7 @@ def conv_tile(u_ptr, w_ptr, b_ptr, rows, offs_c, row_ok, mask_c, lo, stride_un, 
     """fp32 causal depthwise conv on a (BLOCK_N rows, BLOCK_C channels) tile.
 
     ``out[r, c] = b[c] + sum_j w[c, j] * u[rows[r] - (K - 1) + j, c]``; source rows below ``lo``
-    read as zero (``lo`` = 0 for a sequence of its own, negative when the previous group's
+    add nothing (``lo`` = 0 for a sequence of its own, negative when the previous group's
     data continues the sequence). ``u_ptr``/``w_ptr``/``b_ptr`` are already offset to this
     batch element and group; ``w`` is (C, K) row-major.
     """
@@ -32,9 +32,10 @@ def conv_tile(u_ptr, w_ptr, b_ptr, rows, offs_c, row_ok, mask_c, lo, stride_un, 
     for j in tl.static_range(K):
         src = rows - (K - 1) + j
         w = tl.load(w_ptr + offs_c * K + j, mask=mask_c, other=0.0).to(tl.float32)
-        x = tl.load(u_ptr + src[:, None] * stride_un + offs_c[None, :] * stride_uc,
-                    mask=(row_ok & (src >= lo))[:, None] & mask_c[None, :], other=0.0)
-        acc += w[None, :] * x.to(tl.float32)
+        ok = (row_ok & (src >= lo))[:, None] & mask_c[None, :]
+        x = tl.load(u_ptr + src[:, None] * stride_un + offs_c[None, :] * stride_uc, mask=ok, other=0.0)
+        # a source row before the sequence is no term at all (not 0 * w: w may be inf or NaN)
+        acc += tl.where(ok, w[None, :] * x.to(tl.float32), 0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     return acc
