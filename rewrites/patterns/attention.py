@@ -66,6 +66,7 @@ class Core:
     steps: list = field(default_factory=list)   # explicit: ("add", node) / ("view", shape) before softmax
     explicit: bool = False
     anchor: fx.Node | None = None     # what reports name the core by: the SDPA node or the softmax
+    gqa: bool = False                 # SDPA enable_gqa: k/v heads repeat_interleave'd up to q's
 
     def __post_init__(self):
         self.anchor = self.anchor or self.node
@@ -92,12 +93,10 @@ def _cores(traced: TracedGraph):
             if kind == "sdpa_tuple":
                 firsts = [u for u in node.users if op_kind(u) == "getitem" and u.args[1] == 0]
                 out = firsts[0] if firsts else node
-            if a.get("enable_gqa") is True:
-                yield node, "grouped-query attention (enable_gqa=True: k/v have fewer heads than q)"
-                continue
             mask = a.get("attn_mask")
             yield Core(node, a["query"], a["key"], a["value"], out, a.get("scale"),
-                       mask if isinstance(mask, fx.Node) else None, a.get("is_causal") is True)
+                       mask if isinstance(mask, fx.Node) else None, a.get("is_causal") is True,
+                       gqa=a.get("enable_gqa") is True)
         elif kind == "softmax":
             found = _explicit_core(node, gm)
             if found is not None:
@@ -711,6 +710,8 @@ def _build(traced, kind, core: Core, ops, streams, extra, details) -> Region:
         if ids.dim() == 3:  # (B*H, L, Dh): heads folded into the batch
             batch = node_shape(streams[0])[0]
             ids = ids.reshape(batch, ids.shape[0] // batch, ids.shape[1], ids.shape[2])
+        if core.gqa and name != "q" and heads and ids.shape[1] < heads and heads % ids.shape[1] == 0:
+            ids = ids.repeat_interleave(heads // ids.shape[1], dim=1)   # what SDPA's enable_gqa does
         h, length, dh = ids.shape[1], ids.shape[2], ids.shape[3]
         bounds = list(_cumsum(op.sizes)) if n_seg > 1 else [length]
         for i in order:

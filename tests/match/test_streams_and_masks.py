@@ -294,3 +294,33 @@ def test_partial_rotary_and_repeated_kv_heads_are_carried(tracer, monkeypatch):
         t, torch.cat([c, c], -1), torch.cat([s, s], -1), style, layout))
     grafted = graftfx.splice(graftfx.select(tg, [Rule("self_attention", "mha")]))
     assert _same(model, grafted, *inputs) > 1e-3
+
+
+class SdpaGQA(nn.Module):
+    """SDPA's own grouped-query attention: one k/v head for two q heads (``enable_gqa=True``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.out, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 16), nn.Linear(D, 16)
+
+    def forward(self, x):                                        # (N, L, D)
+        n, t, _ = x.shape
+        q = self.q(x).view(n, t, 2, 16).transpose(1, 2)           # (N, 2, L, 16)
+        k, v = (p(x).view(n, t, 1, 16).transpose(1, 2) for p in (self.k, self.v))   # (N, 1, L, 16)
+        o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.out(o.transpose(1, 2).reshape(n, t, D))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_sdpa_enable_gqa_is_self_attention_with_the_kv_heads_expanded(tracer):
+    torch.manual_seed(0)
+    model, x = SdpaGQA().eval(), torch.randn(2, 8, D)
+    tg = graftfx.trace(model, (x,), tracer=tracer)
+    (region,), misses = analyse(tg)
+    assert misses == [] and region.heads == 2
+    v = region.weights["v.weight"]
+    assert v.shape == (D, D) and torch.equal(v[:16], v[16:]) and torch.equal(v[:16], model.v.weight)
+    grafted = graftfx.splice(graftfx.select(tg, [Rule("self_attention", "mha")]))
+    for batch in (1, 3):
+        inputs = torch.randn(batch, 8, D)
+        assert _same(model, grafted, inputs) < 1e-5
