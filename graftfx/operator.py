@@ -362,12 +362,19 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
 def score_bias(steps, extra: dict, shape, rank: int = 4, dtype=torch.float32, device=None) -> torch.Tensor:
     """The additive terms between the scores and the softmax as one (B, H, L, S) tensor: the
-    original's steps (add a term, view) replayed on zeros laid out as the original's scores
+    original's steps (add a term, fill where a mask says, view) replayed on zeros laid out as the original's scores
     (``rank`` 3: heads folded into the batch, (B*H, L, S))."""
     B, H, L, S = shape
     out = torch.zeros((B * H, L, S) if rank == 3 else (B, H, L, S), dtype=dtype, device=device)
-    for kind, item in steps:
-        out = out.view(item) if kind == "view" else out + extra[item]
+    for kind, item, *fill in steps:
+        if kind == "view":
+            out = out.view(item)
+        elif kind == "fill":            # scores.masked_fill(cond, value): cond True is hidden
+            out = out.masked_fill(extra[item].bool(), fill[0])
+        elif kind == "keep":            # torch.where(cond, scores, value): cond True is kept
+            out = out.masked_fill(~extra[item].bool(), fill[0])
+        else:
+            out = out + extra[item]
     return out.reshape(B, H, L, S)
 
 
@@ -378,7 +385,7 @@ def attention_mask(q: torch.Tensor, k: torch.Tensor, extra: dict, *, causal: boo
     B, H, L, _ = q.shape
     S = k.shape[2]
     out = None
-    terms = [item for kind, item in (bias_steps or ()) if kind == "add"]
+    terms = [step[1] for step in (bias_steps or ()) if step[0] in ("add", "fill", "keep")]
     if terms and all(name in extra for name in terms):
         out = score_bias(bias_steps, extra, (B, H, L, S), scores_rank, q.dtype, q.device)
     mask = extra.get("mask")

@@ -127,6 +127,9 @@ def _explicit_core(softmax: fx.Node, gm):
             chain, term = (a, b) if _reaches_matmul(a, gm) else (b, a)
             steps.insert(0, ("add", term))
             node = chain
+        elif (fill := _fill_step(node, kind, gm)) is not None:
+            step, node = fill
+            steps.insert(0, step)
         else:
             if pv is not None:
                 return softmax, (f"softmax(...) @ v found, but the scores come from {kind} ({node.name}), "
@@ -141,10 +144,44 @@ def _explicit_core(softmax: fx.Node, gm):
         scale *= float(node.kwargs.get("alpha", 1.0))
     if op_kind(kt, gm) != "transpose":
         return softmax, "scores are q @ k without a transpose of k"
-    views = [s for kind, s in steps if kind == "view"]
+    views = [step[1] for step in steps if step[0] == "view"]
     if views and views[-1] != node_shape(node):
         return softmax, "the scores are reshaped between q @ k^T and the softmax and not reshaped back"
     return Core(node, q, kt.args[0], pv.args[1], pv, scale, steps=steps, explicit=True, anchor=softmax)
+
+
+def _fill_step(node: fx.Node, kind: str, gm):
+    """``scores.masked_fill(cond, -inf)`` -> (("fill", cond, value), scores); ``torch.where(cond,
+    scores, -inf)`` -> (("keep", cond, value), scores); None for anything else. Only a fill that
+    hides a score (-inf, or a value <= -1e4 such as finfo.min) is a mask."""
+    args = node.args
+    if kind in ("masked_fill", "aten::masked_fill") and len(args) >= 3 and isinstance(args[1], fx.Node):
+        scores, cond, value, step = args[0], args[1], args[2], "fill"
+    elif kind in ("where", "aten::where") and len(args) == 3 and isinstance(args[0], fx.Node):
+        cond, scores, value, step = args[0], args[1], args[2], "keep"
+    else:
+        return None
+    if isinstance(value, fx.Node):
+        value = _scalar_value(value, gm)
+    if not isinstance(scores, fx.Node) or not isinstance(value, (int, float)) or value > -1e4 \
+            or not _reaches_matmul(scores, gm):
+        return None
+    return (step, cond, float(value)), scores
+
+
+def _scalar_value(node: fx.Node, gm):
+    """A 0-d constant (``torch.tensor(-inf)`` held as an attribute, or a full/scalar_tensor)."""
+    try:
+        value = attr_value(node, gm) if node.op == "get_attr" else None
+    except Exception:  # noqa: BLE001
+        value = None
+    if value is None and node.op == "call_function" and getattr(node.target, "__name__", "").startswith(
+            ("scalar_tensor", "full")):
+        value = node.args[-1] if node.args else None
+        return value if isinstance(value, (int, float)) else None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    return None
 
 
 def _pv_matmul(softmax: fx.Node, gm):
@@ -432,6 +469,19 @@ def _classify(traced, node: fx.Node) -> str:
     return "bias"
 
 
+def _classify_fill(traced, cond: fx.Node, hidden_when_true: bool) -> str:
+    """none | causal | mask | causal+mask for the condition of a masked_fill / where on the scores."""
+    value = static_values(traced, [cond]).get(cond)
+    if value is None or depends_on_input(traced, cond):
+        return "mask"
+    keep = ~value.bool() if hidden_when_true else value.bool()
+    if bool(keep.all()):
+        return "none"
+    if _is_causal_bool(keep):
+        return "causal"
+    return "causal+mask" if _implies_causal(keep) else "mask"
+
+
 def _masks_upper(value: torch.Tensor) -> bool:
     if value.dim() < 2 or value.shape[-1] != value.shape[-2]:
         return False
@@ -500,9 +550,22 @@ def _scores(traced, core: Core, extra: dict, details: dict) -> bool:
             details["bias_steps"] = [("add", "bias0")]
     if core.steps:
         steps, counts = [], {"mask": 0, "bias": 0}
-        for kind, item in core.steps:
+        for kind, item, *fill in core.steps:
             if kind == "view":
                 steps.append(("view", (-1,) + tuple(item[1:])))
+                continue
+            if kind in ("fill", "keep"):
+                cls = _classify_fill(traced, item, hidden_when_true=kind == "fill")
+                if cls == "none":
+                    continue
+                if cls == "causal":             # the hidden scores weigh nothing, whatever the fill
+                    causal = True
+                    continue
+                causal = causal or cls == "causal+mask"
+                name = f"mask{counts['mask']}"
+                counts["mask"] += 1
+                extra[name] = item
+                steps.append((kind, name, fill[0]))
                 continue
             cls = _classify(traced, item)
             if cls == "none":
@@ -519,7 +582,7 @@ def _scores(traced, core: Core, extra: dict, details: dict) -> bool:
             counts[group] += 1
             extra[name] = item
             steps.append(("add", name))
-        if any(k == "add" for k, _ in steps):
+        if any(step[0] != "view" for step in steps):
             details["bias_steps"] = steps
     return causal
 

@@ -324,3 +324,53 @@ def test_sdpa_enable_gqa_is_self_attention_with_the_kv_heads_expanded(tracer):
     for batch in (1, 3):
         inputs = torch.randn(batch, 8, D)
         assert _same(model, grafted, inputs) < 1e-5
+
+
+class FilledScores(nn.Module):
+    """Masks written on the scores: masked_fill with a padding mask, torch.where with a causal
+    one (GPT-2 style, finfo.min), and both (causal -inf, then padding -1e9)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.q, self.k, self.v, self.out = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x, pad=None):                                # x (N, 8, D); pad (N, 8), 0 = padding
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, 2, 16).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) * 0.25                    # (N, 2, 8, 8)
+        if self.mode == "padding":
+            scores = scores.masked_fill(pad[:, None, None, :] == 0, float("-inf"))
+        elif self.mode == "causal":
+            scores = torch.where(torch.ones(8, 8, dtype=torch.bool).tril(), scores, torch.finfo(torch.float32).min)
+        else:
+            scores = scores.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+            scores = scores.masked_fill(pad[:, None, None, :] == 0, -1e9)
+        o = scores.softmax(-1) @ v
+        return self.out(o.transpose(1, 2).reshape(n, t, D))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("mode, kind, features", [("padding", "self_attention", ("mask",)),
+                                                  ("causal", "causal_self_attention", ()),
+                                                  ("both", "causal_self_attention", ("mask",))])
+def test_masks_filled_into_the_scores_are_carried(mode, kind, features, tracer, monkeypatch):
+    torch.manual_seed(0)
+    model = FilledScores(mode).eval()
+    pad = torch.ones(2, 8, dtype=torch.long)
+    pad[1, -3:] = 0
+    inputs = (torch.randn(2, 8, D),) + ((pad,) if mode != "causal" else ())
+    tg = graftfx.trace(model, inputs, tracer=tracer)
+    (region,), misses = analyse(tg)
+    assert misses == [] and region.kind == kind and region.features == features
+    grafted = graftfx.splice(graftfx.select(tg, [Rule(kind, "mha")]))
+    assert _same(model, grafted, *inputs) < 1e-5
+    if features:                       # not vacuous: without the mask the copy is far from the original
+        import importlib
+
+        splice_module = importlib.import_module("graftfx.splice.splice")
+        monkeypatch.setattr(splice_module, "passed_inputs", lambda region, op: {})
+        grafted = graftfx.splice(graftfx.select(tg, [Rule(kind, "mha")]))
+        assert _same(model, grafted, *inputs) > 1e-3
+        with pytest.raises(GraftError, match="key-padding mask"):
+            graftfx.select(tg, [Rule(kind, "hyena_x")])
