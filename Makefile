@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean gpu-check
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trace.py
+
+# On a GPU machine: its own python3 (torch + CUDA + Triton), no venv, no downloads.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

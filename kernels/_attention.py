@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting
+from ._dispatch import interpreting, on_device
 
 LOG2E = 1.4426950408889634
 
@@ -87,8 +87,9 @@ def delta(o, do, dlse, block_m: int = 64) -> torch.Tensor:
     out = torch.empty((B, H, L), dtype=torch.float32, device=o.device)
     a = align(o, do)
     dlse_arg = dlse.float().contiguous() if dlse is not None else out
-    bwd_delta_kernel[(triton.cdiv(L, block_m), B * H)](
-        o, do, dlse_arg, out, *strides(o, a), *strides(do, a), H, L,
-        HEAD_DIM=D, ALIGN=a, BLOCK_M=block_m, BLOCK_D=block_d, HAS_DLSE=dlse is not None,
-        num_warps=4)
+    with on_device(o):
+        bwd_delta_kernel[(triton.cdiv(L, block_m), B * H)](
+            o, do, dlse_arg, out, *strides(o, a), *strides(do, a), H, L,
+            HEAD_DIM=D, ALIGN=a, BLOCK_M=block_m, BLOCK_D=block_d, HAS_DLSE=dlse is not None,
+            num_warps=4)
     return out

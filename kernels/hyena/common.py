@@ -43,10 +43,11 @@ def conv_tile(u_ptr, w_ptr, b_ptr, rows, offs_c, row_ok, mask_c, lo, stride_un, 
 
 # ----------------------------------------------------------------------------- launch helpers
 def fit_tiles(tiles: tuple[int, int, int], rows: int, channels: int, taps: int,
-              rows_contiguous: bool = False, cpu: bool = False) -> tuple[int, int, int]:
+              rows_contiguous: bool = False, interpreted: bool = False) -> tuple[int, int, int]:
     """Clamp a kernel's (BLOCK_N, BLOCK_C, num_warps) to the problem: powers of two >= 16, no
-    wider than the (rounded-up) extent, fewer warps for small tiles. On the CPU (the Triton
-    interpreter, whose cost is per program rather than per element) tiles are at least 64 x 64.
+    wider than the (rounded-up) extent, fewer warps for small tiles. Under the Triton interpreter
+    (``interpreted``: ``_dispatch.interpreting()``, whose cost is per program rather than per
+    element) tiles are at least 64 x 64.
 
     Each kernel's tiles were chosen from ptxas register reports for sm_90a (bf16/fp16/fp32,
     K = 3 and 4: no spills). With channels contiguous a thread holds K weights for each of its
@@ -55,7 +56,7 @@ def fit_tiles(tiles: tuple[int, int, int], rows: int, channels: int, taps: int,
     bn, bc, warps = tiles
     if taps > 4 and not rows_contiguous:
         bc //= 2
-    if cpu:
+    if interpreted:
         bn, bc = max(bn, 64), max(bc, 64)
     bn = max(16, min(bn, triton.next_power_of_2(rows)))
     bc = max(16, min(bc, triton.next_power_of_2(channels)))

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import optional_backend, use_triton
+from .._dispatch import interpreting, on_device, optional_backend, use_triton
 from . import naive
 from .common import check_activation, check_bias, check_filter, cast_grads, conv_tile, fit_tiles
 
@@ -101,12 +101,13 @@ def short_conv_fwd(u: torch.Tensor, weight: torch.Tensor,
     y = torch.empty((batch, length, channels), device=u.device, dtype=u.dtype)
     if y.numel() == 0:
         return y
-    bn, bc, warps = fit_tiles(_FWD_TILES, length, channels, weight.shape[1], cpu=u.is_cpu)
+    bn, bc, warps = fit_tiles(_FWD_TILES, length, channels, weight.shape[1], interpreted=interpreting())
     grid = (triton.cdiv(length, bn), triton.cdiv(channels, bc), batch)
-    _short_conv_fwd_kernel[grid](
-        u, weight, weight if bias is None else bias.contiguous(), y, length, channels,
-        u.stride(0), u.stride(1), y.stride(0), y.stride(1),
-        K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
+    with on_device(u):
+        _short_conv_fwd_kernel[grid](
+            u, weight, weight if bias is None else bias.contiguous(), y, length, channels,
+            u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+            K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     return y
 
 
@@ -120,14 +121,15 @@ def short_conv_bwd(dy: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
     db_dtype = weight.dtype if bias is None else bias.dtype
     if du.numel() == 0:
         return du.zero_(), torch.zeros_like(weight), weight.new_zeros(channels, dtype=db_dtype)
-    bn, bc, warps = fit_tiles(_BWD_TILES, length, channels, taps, cpu=u.is_cpu)
+    bn, bc, warps = fit_tiles(_BWD_TILES, length, channels, taps, interpreted=interpreting())
     n_tiles = triton.cdiv(length, bn)
     dw_part = torch.empty((batch * n_tiles, taps, channels), device=u.device, dtype=torch.float32)
     db_part = torch.empty((batch * n_tiles, channels), device=u.device, dtype=torch.float32)
-    _short_conv_bwd_kernel[(n_tiles, triton.cdiv(channels, bc), batch)](
-        u, weight, dy, du, dw_part, db_part, length, channels,
-        u.stride(0), u.stride(1), dy.stride(0), dy.stride(1), du.stride(0), du.stride(1),
-        K=taps, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
+    with on_device(u):
+        _short_conv_bwd_kernel[(n_tiles, triton.cdiv(channels, bc), batch)](
+            u, weight, dy, du, dw_part, db_part, length, channels,
+            u.stride(0), u.stride(1), dy.stride(0), dy.stride(1), du.stride(0), du.stride(1),
+            K=taps, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
     return du, dw, db_part.sum(0).to(db_dtype)
 

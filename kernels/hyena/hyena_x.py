@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import use_triton
+from .._dispatch import interpreting, on_device, use_triton
 from . import naive
 from .common import (cast_grads, check_activation, check_bias, check_filter, conv_tile,
                      fit_tiles)
@@ -182,14 +182,15 @@ def _fwd(u, weight, bias, chained):
         return y
     n, c, s_n, s_c, goff = _layout(u, chained)
     bn, bc, warps = fit_tiles(_FWD_TILES_CHAINED if chained else _FWD_TILES, n, c,
-                              weight.shape[1], rows_contiguous=chained, cpu=u.is_cpu)
+                              weight.shape[1], rows_contiguous=chained, interpreted=interpreting())
     w_g, b_g = (0, 0) if chained else (c * weight.shape[1], c)
-    _hyena_x_fwd_kernel[(triton.cdiv(n, bn), triton.cdiv(c, bc), batch)](
-        u, weight, weight if bias is None else bias.contiguous(), y, n, c,
-        u.stride(0), s_n, s_c, goff, w_g, b_g,
-        y.stride(0), *((1, y.stride(1)) if chained else (y.stride(1), 1)),
-        K=weight.shape[1], CHAINED=int(chained), HAS_BIAS=bias is not None,
-        BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
+    with on_device(u):
+        _hyena_x_fwd_kernel[(triton.cdiv(n, bn), triton.cdiv(c, bc), batch)](
+            u, weight, weight if bias is None else bias.contiguous(), y, n, c,
+            u.stride(0), s_n, s_c, goff, w_g, b_g,
+            y.stride(0), *((1, y.stride(1)) if chained else (y.stride(1), 1)),
+            K=weight.shape[1], CHAINED=int(chained), HAS_BIAS=bias is not None,
+            BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     return y
 
 
@@ -204,17 +205,18 @@ def _bwd(dy, u, weight, bias, chained):
                 weight.new_zeros(weight.shape[0], dtype=db_dtype))
     n, c, s_n, s_c, goff = _layout(u, chained)
     bn, bc, warps = fit_tiles(_BWD_TILES_CHAINED if chained else _BWD_TILES, n, c, taps,
-                              rows_contiguous=chained, cpu=u.is_cpu)
+                              rows_contiguous=chained, interpreted=interpreting())
     n_tiles = triton.cdiv(n, bn)
     dw_part = torch.empty((batch * n_tiles, 3, taps, c), device=u.device, dtype=torch.float32)
     db_part = torch.empty((batch * n_tiles, 3, c), device=u.device, dtype=torch.float32)
     w_g, b_g = (0, 0) if chained else (c * taps, c)
-    _hyena_x_bwd_kernel[(n_tiles, triton.cdiv(c, bc), batch)](
-        u, weight, weight if bias is None else bias.contiguous(), dy, du, dw_part, db_part, n, c,
-        u.stride(0), s_n, s_c, goff, w_g, b_g,
-        dy.stride(0), *((1, dy.stride(1)) if chained else (dy.stride(1), 1)),
-        K=taps, CHAINED=int(chained), HAS_BIAS=bias is not None,
-        BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
+    with on_device(u):
+        _hyena_x_bwd_kernel[(n_tiles, triton.cdiv(c, bc), batch)](
+            u, weight, weight if bias is None else bias.contiguous(), dy, du, dw_part, db_part, n, c,
+            u.stride(0), s_n, s_c, goff, w_g, b_g,
+            dy.stride(0), *((1, dy.stride(1)) if chained else (dy.stride(1), 1)),
+            K=taps, CHAINED=int(chained), HAS_BIAS=bias is not None,
+            BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     dw, db = dw_part.sum(0), db_part.sum(0)             # (3, K, C), (3, C)
     if chained:                                          # one filter per token, shared by q, k, v
         dw, db = dw.sum(0).t(), db.sum(0)

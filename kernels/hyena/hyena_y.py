@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import use_triton
+from .._dispatch import interpreting, on_device, use_triton
 from . import naive
 from .common import cast_grads, check_activation, check_bias, check_filter, fit_tiles
 from .featurize import short_conv
@@ -130,11 +130,12 @@ def hyena_y_fwd(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = torch.empty((batch, length, d), device=u.device, dtype=u.dtype)
     if y.numel() == 0:
         return y
-    bn, bc, warps = fit_tiles(_FWD_TILES, length, d, weight.shape[1], cpu=u.is_cpu)
-    _hyena_y_fwd_kernel[(triton.cdiv(length, bn), triton.cdiv(d, bc), batch)](
-        u, weight, weight if bias is None else bias.contiguous(), y, length, d,
-        u.stride(0), u.stride(1), y.stride(0), y.stride(1),
-        K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
+    bn, bc, warps = fit_tiles(_FWD_TILES, length, d, weight.shape[1], interpreted=interpreting())
+    with on_device(u):
+        _hyena_y_fwd_kernel[(triton.cdiv(length, bn), triton.cdiv(d, bc), batch)](
+            u, weight, weight if bias is None else bias.contiguous(), y, length, d,
+            u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+            K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     return y
 
 
@@ -148,14 +149,15 @@ def hyena_y_bwd(dy: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
     db_dtype = weight.dtype if bias is None else bias.dtype
     if du.numel() == 0:
         return du.zero_(), torch.zeros_like(weight), weight.new_zeros(d, dtype=db_dtype)
-    bn, bc, warps = fit_tiles(_BWD_TILES, length, d, taps, cpu=u.is_cpu)
+    bn, bc, warps = fit_tiles(_BWD_TILES, length, d, taps, interpreted=interpreting())
     n_tiles = triton.cdiv(length, bn)
     dw_part = torch.empty((batch * n_tiles, taps, d), device=u.device, dtype=torch.float32)
     db_part = torch.empty((batch * n_tiles, d), device=u.device, dtype=torch.float32)
-    _hyena_y_bwd_kernel[(n_tiles, triton.cdiv(d, bc), batch)](
-        u, weight, weight if bias is None else bias.contiguous(), dy, du, dw_part, db_part,
-        length, d, u.stride(0), u.stride(1), dy.stride(0), dy.stride(1),
-        K=taps, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
+    with on_device(u):
+        _hyena_y_bwd_kernel[(n_tiles, triton.cdiv(d, bc), batch)](
+            u, weight, weight if bias is None else bias.contiguous(), dy, du, dw_part, db_part,
+            length, d, u.stride(0), u.stride(1), dy.stride(0), dy.stride(1),
+            K=taps, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
     return du, dw, db_part.sum(0).to(db_dtype)
 

@@ -22,14 +22,14 @@ Every product accumulates in fp32; tiles enter ``tl.dot`` in the input dtype (fp
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import use_triton
+from .._attention import align, strides, unit_last
+from .._dispatch import interpreting, num_sms, on_device, use_triton
 from .naive import FEATURE_MAPS, linear_attn_bwd_ref, linear_attn_ref
 
 MAX_HEAD_DIM = 256   # the whole Dk axis of a tile lives in registers
@@ -66,13 +66,15 @@ def _state_kernel(X, Y, ROW_SCALE, ROW_WEIGHT, S_PART, Z_PART,
                   H, L, NUM_CHUNKS,
                   DK: tl.constexpr, DV: tl.constexpr, CHUNK: tl.constexpr,
                   HAS_ROWS: tl.constexpr, FEATURE: tl.constexpr,
-                  OPERAND: tl.constexpr, PRECISION: tl.constexpr,
+                  OPERAND: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                   BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """One L-chunk of S = phi(X)^T (r * Y) and z = sum_l w_l phi(X_l).
 
     r, w are per-row fp32 factors (HAS_ROWS) or 1. Grid: (B*H, NUM_CHUNKS, cdiv(DV, BLOCK_V)).
     Writes the fp32 partials S_PART[bh, chunk] (DK, DV) and Z_PART[bh, chunk] (DK,).
     """
+    sxb, sxh, sxl = sxb * ALIGN, sxh * ALIGN, sxl * ALIGN     # strides in units of ALIGN
+    syb, syh, syl = syb * ALIGN, syh * ALIGN, syl * ALIGN
     pid_bh = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -121,12 +123,15 @@ def _fwd_out_kernel(Q, S, Z, O,
                     H, L, eps,
                     DK: tl.constexpr, DV: tl.constexpr,
                     FEATURE: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr,
+                    ALIGN: tl.constexpr,
                     BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """o = phi(q) S / (phi(q) . z + eps) for one query block and Dv-block.
 
     Grid: (B*H, cdiv(L, BLOCK_L), cdiv(DV, BLOCK_V)); S (B*H, DK, DV) in the OPERAND dtype,
     z (B*H, DK) in fp32.
     """
+    sqb, sqh, sql = sqb * ALIGN, sqh * ALIGN, sql * ALIGN
+    sob, soh, sol = sob * ALIGN, soh * ALIGN, sol * ALIGN
     pid_bh = tl.program_id(0)
     pid_l = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -162,6 +167,7 @@ def _bwd_q_kernel(Q, DO, S, Z, DQ, RDEN, G,
                   H, L, eps,
                   DK: tl.constexpr, DV: tl.constexpr,
                   FEATURE: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr,
+                  ALIGN: tl.constexpr,
                   BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """dq = (u - delta z) / den * phi'(q) with u = do S^T and delta_i = do_i . o_i; also writes
     1/den and -delta/den per row for the dS pass.
@@ -169,6 +175,9 @@ def _bwd_q_kernel(Q, DO, S, Z, DQ, RDEN, G,
     delta_i = phi(q_i) . u_i / den_i, so the forward output o is never read. Grid:
     (B*H, cdiv(L, BLOCK_L)); loops over Dv in BLOCK_V tiles. RDEN, G: (B*H, L) fp32.
     """
+    sqb, sqh, sql = sqb * ALIGN, sqh * ALIGN, sql * ALIGN
+    sdob, sdoh, sdol = sdob * ALIGN, sdoh * ALIGN, sdol * ALIGN
+    sdqb, sdqh, sdql = sdqb * ALIGN, sdqh * ALIGN, sdql * ALIGN
     pid_bh = tl.program_id(0)
     pid_l = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -213,12 +222,17 @@ def _bwd_kv_kernel(K, V, DS, DZ, DK_OUT, DV_OUT,
                    H, L,
                    DK: tl.constexpr, DV: tl.constexpr,
                    FEATURE: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr,
+                   ALIGN: tl.constexpr,
                    BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """dk = (v dS^T + dz) * phi'(k), dv = phi(k) dS for one key block.
 
     Grid: (B*H, cdiv(L, BLOCK_L)); loops over Dv in BLOCK_V tiles. dS (B*H, DK, DV) in the
     OPERAND dtype, dz (B*H, DK) in fp32.
     """
+    skb, skh, skl = skb * ALIGN, skh * ALIGN, skl * ALIGN
+    svb, svh, svl = svb * ALIGN, svh * ALIGN, svl * ALIGN
+    sdkb, sdkh, sdkl = sdkb * ALIGN, sdkh * ALIGN, sdkl * ALIGN
+    sdvb, sdvh, sdvl = sdvb * ALIGN, sdvh * ALIGN, sdvl * ALIGN
     pid_bh = tl.program_id(0)
     pid_l = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -260,15 +274,6 @@ def _bwd_kv_kernel(K, V, DS, DZ, DK_OUT, DV_OUT,
 # Launchers: plain functions, tensors in and out.
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU (Triton uses the current device); nothing to do on the interpreter."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -283,17 +288,11 @@ def _config(q: torch.Tensor, dv: int) -> tuple[dict, torch.dtype]:
     block_k = max(16, triton.next_power_of_2(dk))
     block_v = max(16, min(triton.next_power_of_2(dv), 64))
     wide = block_k >= 256 or (block_k >= 128 and q.dtype == torch.float32)
-    operand = torch.float32 if (q.dtype == torch.bfloat16 and not q.is_cuda) else q.dtype
+    operand = torch.float32 if (q.dtype == torch.bfloat16 and interpreting()) else q.dtype
     meta = dict(DK=dk, DV=dv, BLOCK_L=32 if wide else 64, BLOCK_K=block_k, BLOCK_V=block_v,
                 OPERAND=_TL_DTYPES[operand], PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
                 num_warps=4 if block_k <= 64 else 8)
     return meta, operand
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4   # the interpreter: a few chunks, so the two-stage reduction is exercised
 
 
 def _chunking(L: int, programs: int, block_l: int, device: torch.device) -> tuple[int, int]:
@@ -303,12 +302,12 @@ def _chunking(L: int, programs: int, block_l: int, device: torch.device) -> tupl
     (a static loop pipelines well), so only a few variants are ever compiled.
     """
     blocks = triton.cdiv(L, block_l)
-    want = max(1, min(blocks, triton.cdiv(2 * _num_sms(device), programs)))
+    want = max(1, min(blocks, triton.cdiv(2 * num_sms(device), programs)))
     chunk = triton.next_power_of_2(triton.cdiv(blocks, want)) * block_l
     return chunk, triton.cdiv(L, chunk)
 
 
-def _state(x, y, rows, feature_id, meta, operand):
+def _state(x, y, rows, feature_id, meta, operand, a):
     """S = phi(x)^T (r * y) in the operand dtype and z = sum_l w_l phi(x_l) in fp32, per
     (batch, head); rows = (r, w), fp32 (B*H, L), or None for r = w = 1."""
     B, H, L, dk = x.shape
@@ -318,11 +317,10 @@ def _state(x, y, rows, feature_id, meta, operand):
     s_part = torch.empty(B * H, nc, dk, dv, device=x.device, dtype=torch.float32)
     z_part = torch.empty(B * H, nc, dk, device=x.device, dtype=torch.float32)
     r, w = rows if rows is not None else (z_part, z_part)   # not read when HAS_ROWS is False
-    _state_kernel[(B * H, nc, nv)](
-        x, y, r, w, s_part, z_part,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        H, L, nc, CHUNK=chunk, HAS_ROWS=rows is not None, FEATURE=feature_id, **meta,
-    )
+    with on_device(x):
+        _state_kernel[(B * H, nc, nv)](
+            x, y, r, w, s_part, z_part, *strides(x, a), *strides(y, a),
+            H, L, nc, CHUNK=chunk, ALIGN=a, HAS_ROWS=rows is not None, FEATURE=feature_id, **meta)
     if nc == 1:
         return s_part[:, 0].to(operand), z_part[:, 0]
     # stage 2 of the atomic-free reduction; S is rounded once, as every tile of it would be
@@ -332,19 +330,19 @@ def _state(x, y, rows, feature_id, meta, operand):
 def linear_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     feature_map: str = "elu", eps: float = 1e-6) -> torch.Tensor:
     """Triton forward; q, k (B, H, L, Dk), v (B, H, L, Dv) -> o (B, H, L, Dv) in q's dtype."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     B, H, L, _ = q.shape
     dv = v.shape[-1]
     fid = _FEATURE_IDS[feature_map]
     meta, operand = _config(q, dv)
     o = torch.empty(B, H, L, dv, device=q.device, dtype=q.dtype)
-    with _on_device(q):
-        s, z = _state(k, v, None, fid, meta, operand)
+    a = align(q, k, v, o)
+    with on_device(q):
+        s, z = _state(k, v, None, fid, meta, operand, a)
         grid = (B * H, triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(dv, meta["BLOCK_V"]))
         _fwd_out_kernel[grid](
-            q, s, z, o,
-            q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            H, L, float(eps), FEATURE=fid, **meta,
+            q, s, z, o, *strides(q, a), *strides(o, a),
+            H, L, float(eps), FEATURE=fid, ALIGN=a, **meta,
         )
     return o
 
@@ -353,7 +351,7 @@ def linear_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                     feature_map: str = "elu", eps: float = 1e-6):
     """Triton backward: (dq, dk, dv) in the dtypes of (q, k, v) given do = dL/do; the forward
     output is not needed (it is recomputed implicitly from S and z)."""
-    do, q, k, v = (_unit_last(t) for t in (do, q, k, v))
+    do, q, k, v = unit_last(do), unit_last(q), unit_last(k), unit_last(v)
     B, H, L, _ = q.shape
     dv = v.shape[-1]
     fid = _FEATURE_IDS[feature_map]
@@ -364,20 +362,17 @@ def linear_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     rden = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
     g = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
     grid = (B * H, triton.cdiv(L, meta["BLOCK_L"]))
-    with _on_device(q):
-        s, z = _state(k, v, None, fid, meta, operand)
+    a = align(do, q, k, v, dq, dk_, dv_)
+    with on_device(q):
+        s, z = _state(k, v, None, fid, meta, operand, a)
         _bwd_q_kernel[grid](
-            q, do, s, z, dq, rden, g,
-            q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            H, L, float(eps), FEATURE=fid, **meta,
+            q, do, s, z, dq, rden, g, *strides(q, a), *strides(do, a), *strides(dq, a),
+            H, L, float(eps), FEATURE=fid, ALIGN=a, **meta,
         )
-        ds, dz = _state(q, do, (rden, g), fid, meta, operand)
+        ds, dz = _state(q, do, (rden, g), fid, meta, operand, a)
         _bwd_kv_kernel[grid](
-            k, v, ds, dz, dk_, dv_,
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            dk_.stride(0), dk_.stride(1), dk_.stride(2), dv_.stride(0), dv_.stride(1), dv_.stride(2),
-            H, L, FEATURE=fid, **meta,
+            k, v, ds, dz, dk_, dv_, *strides(k, a), *strides(v, a), *strides(dk_, a), *strides(dv_, a),
+            H, L, FEATURE=fid, ALIGN=a, **meta,
         )
     return dq, dk_, dv_
 

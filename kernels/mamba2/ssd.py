@@ -23,10 +23,10 @@ forward
 backward (recomputes the chunk states with kernel 1; nothing but the inputs is saved)
   3. ``_ssd_dstate_bwd_kernel``  grid (batch*nheads, n-blocks, p-blocks): walks the chunks
      backwards, storing dL/dh_out of each chunk (fp32).
-  4. ``_ssd_chunk_bwd_kernel``   grid (chunks, batch*nheads): dx, per-head dB/dC, ddt (its
-     dt*A part through a reverse cumsum of d acs), and per-chunk partial sums of dA and dD.
-     Per-head dB/dC are summed over the heads of a group, and the partials over chunks, in
-     PyTorch.
+  4. ``_ssd_chunk_bwd_kernel``   grid (chunks, batch*nheads): dx, dB/dC summed over the heads
+     of a group in the kernel (fp32 atomic adds into (batch, L, ngroups, d_state): the order of
+     the additions, hence the last bits, may vary from run to run), ddt (its dt*A part through
+     a reverse cumsum of d acs), and per-chunk partial sums of dA and dD (summed in PyTorch).
 
 The backward is Triton throughout (no autograd recomputation through the reference).
 All accumulation is fp32; x, B, C, y and the gradients are loaded/stored in their own dtypes.
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import interpreting, use_triton
+from .._dispatch import interpreting, on_device, use_triton
 from .naive import ssd_chunked
 
 
@@ -52,6 +52,7 @@ from .naive import ssd_chunked
 
 @triton.jit
 def _ssd_state_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, L, H, G, N, P, NC,
+                          sxb, sxl, sxh, sbb, sbl, sbg,
                           BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                           DOT: tl.constexpr, PREC: tl.constexpr):
     i_bh, i_n, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -64,9 +65,9 @@ def _ssd_state_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, L, H, G, N, P
     o_p = i_p * BP + tl.arange(0, BP)
     m_n, m_p = o_n < N, o_p < P
 
-    x_base = x_ptr + i_b.to(tl.int64) * L * H * P + i_h * P
+    x_base = x_ptr + i_b.to(tl.int64) * sxb + i_h * sxh
     dt_base = dt_ptr + i_b.to(tl.int64) * L * H + i_h
-    b_base = B_ptr + i_b.to(tl.int64) * L * G * N + i_g * N
+    b_base = B_ptr + i_b.to(tl.int64) * sbb + i_g * sbg
     s_base = states_ptr + i_bh.to(tl.int64) * NC * N * P
     s_offs = o_n[:, None] * P + o_p[None, :]
     s_mask = m_n[:, None] & m_p[None, :]
@@ -83,9 +84,9 @@ def _ssd_state_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, L, H, G, N, P
         acs = tl.cumsum(a, axis=0)
         a_last = tl.sum(a, axis=0)
         w = tl.exp(a_last - acs) * dt                                    # (BT,)
-        b = tl.load(b_base + t[:, None] * G * N + o_n[None, :],
+        b = tl.load(b_base + t[:, None] * sbl + o_n[None, :],
                     mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_base + t[:, None] * H * P + o_p[None, :],
+        x = tl.load(x_base + t[:, None] * sxl + o_p[None, :],
                     mask=m_t[:, None] & m_p[None, :], other=0.0)
         bw = (b * w[:, None]).to(DOT)
         h = h * tl.exp(a_last) + tl.dot(tl.trans(bw), x.to(DOT), input_precision=PREC)
@@ -94,7 +95,7 @@ def _ssd_state_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, L, H, G, N, P
 
 @triton.jit
 def _ssd_out_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y_ptr,
-                        L, H, G, N, P, NC,
+                        L, H, G, N, P, NC, sxb, sxl, sxh, sbb, sbl, sbg, scb, scl, scg,
                         BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                         DOT: tl.constexpr, PREC: tl.constexpr):
     i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -115,11 +116,13 @@ def _ssd_out_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y
     dt = tl.load(dt_ptr + dt_offs, mask=m_t, other=0.0).to(tl.float32)
     acs = tl.cumsum(dt * a_h, axis=0)
 
-    bc_offs = i_b.to(tl.int64) * L * G * N + t[:, None] * G * N + i_g * N + o_n[None, :]
-    b = tl.load(B_ptr + bc_offs, mask=m_tn, other=0.0)
-    c = tl.load(C_ptr + bc_offs, mask=m_tn, other=0.0)
-    xy_offs = i_b.to(tl.int64) * L * H * P + t[:, None] * H * P + i_h * P + o_p[None, :]
-    x = tl.load(x_ptr + xy_offs, mask=m_tp, other=0.0)
+    b_offs = i_b.to(tl.int64) * sbb + t[:, None] * sbl + i_g * sbg + o_n[None, :]
+    c_offs = i_b.to(tl.int64) * scb + t[:, None] * scl + i_g * scg + o_n[None, :]
+    b = tl.load(B_ptr + b_offs, mask=m_tn, other=0.0)
+    c = tl.load(C_ptr + c_offs, mask=m_tn, other=0.0)
+    x_offs = i_b.to(tl.int64) * sxb + t[:, None] * sxl + i_h * sxh + o_p[None, :]
+    x = tl.load(x_ptr + x_offs, mask=m_tp, other=0.0)
+    y_offs = i_b.to(tl.int64) * L * H * P + t[:, None] * H * P + i_h * P + o_p[None, :]
 
     # intra-chunk: (C B^T) masked by exp(acs_t - acs_s) for s <= t, scaled by dt_s
     cb = tl.dot(c.to(DOT), tl.trans(b.to(DOT)), input_precision=PREC)     # (BT, BT)
@@ -133,11 +136,12 @@ def _ssd_out_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, y
     h = tl.load(states_ptr + s_offs, mask=m_n[:, None] & m_p[None, :], other=0.0)
     y += tl.exp(acs)[:, None] * tl.dot(c.to(DOT), h.to(DOT), input_precision=PREC)
     y += d_h * x.to(tl.float32)
-    tl.store(y_ptr + xy_offs, y.to(y_ptr.dtype.element_ty), mask=m_tp)
+    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=m_tp)
 
 
 @triton.jit
 def _ssd_dstate_bwd_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, dstates_ptr, L, H, G, N, P, NC,
+                           syb, syl, syh, scb, scl, scg,
                            BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                            DOT: tl.constexpr, PREC: tl.constexpr):
     i_bh, i_n, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -150,9 +154,9 @@ def _ssd_dstate_bwd_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, dstates_ptr, L, H, G, N
     o_p = i_p * BP + tl.arange(0, BP)
     m_n, m_p = o_n < N, o_p < P
 
-    dy_base = dy_ptr + i_b.to(tl.int64) * L * H * P + i_h * P
+    dy_base = dy_ptr + i_b.to(tl.int64) * syb + i_h * syh
     dt_base = dt_ptr + i_b.to(tl.int64) * L * H + i_h
-    c_base = C_ptr + i_b.to(tl.int64) * L * G * N + i_g * N
+    c_base = C_ptr + i_b.to(tl.int64) * scb + i_g * scg
     s_base = dstates_ptr + i_bh.to(tl.int64) * NC * N * P
     s_offs = o_n[:, None] * P + o_p[None, :]
     s_mask = m_n[:, None] & m_p[None, :]
@@ -167,9 +171,9 @@ def _ssd_dstate_bwd_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, dstates_ptr, L, H, G, N
         a = dt * a_h
         acs = tl.cumsum(a, axis=0)
         a_last = tl.sum(a, axis=0)
-        c = tl.load(c_base + t[:, None] * G * N + o_n[None, :],
+        c = tl.load(c_base + t[:, None] * scl + o_n[None, :],
                     mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + t[:, None] * H * P + o_p[None, :],
+        dy = tl.load(dy_base + t[:, None] * syl + o_p[None, :],
                      mask=m_t[:, None] & m_p[None, :], other=0.0)
         ce = (c * tl.exp(acs)[:, None]).to(DOT)
         dh = dh * tl.exp(a_last) + tl.dot(tl.trans(ce), dy.to(DOT), input_precision=PREC)
@@ -179,7 +183,8 @@ def _ssd_dstate_bwd_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, dstates_ptr, L, H, G, N
 @triton.jit
 def _ssd_chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, states_ptr,
                           dstates_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
-                          L, H, G, N, P, NC,
+                          L, H, G, N, P, NC, sxb, sxl, sxh, syb, syl, syh,
+                          sbb, sbl, sbg, scb, scl, scg,
                           BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                           DOT: tl.constexpr, PREC: tl.constexpr):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -206,12 +211,17 @@ def _ssd_chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, sta
     to_end = tl.exp(a_last - acs)
     w = to_end * dt
 
+    b = tl.load(B_ptr + i_b.to(tl.int64) * sbb + t[:, None] * sbl + i_g * sbg + o_n[None, :],
+                mask=m_tn, other=0.0)
+    c = tl.load(C_ptr + i_b.to(tl.int64) * scb + t[:, None] * scl + i_g * scg + o_n[None, :],
+                mask=m_tn, other=0.0)
+    x = tl.load(x_ptr + i_b.to(tl.int64) * sxb + t[:, None] * sxl + i_h * sxh + o_p[None, :],
+                mask=m_tp, other=0.0)
+    dy = tl.load(dy_ptr + i_b.to(tl.int64) * syb + t[:, None] * syl + i_h * syh + o_p[None, :],
+                 mask=m_tp, other=0.0)
+    # outputs: contiguous dx (batch, L, nheads, headdim), dB/dC (batch, L, ngroups, d_state)
     bc_offs = i_b.to(tl.int64) * L * G * N + t[:, None] * G * N + i_g * N + o_n[None, :]
-    b = tl.load(B_ptr + bc_offs, mask=m_tn, other=0.0)
-    c = tl.load(C_ptr + bc_offs, mask=m_tn, other=0.0)
     xy_offs = i_b.to(tl.int64) * L * H * P + t[:, None] * H * P + i_h * P + o_p[None, :]
-    x = tl.load(x_ptr + xy_offs, mask=m_tp, other=0.0)
-    dy = tl.load(dy_ptr + xy_offs, mask=m_tp, other=0.0)
     s_offs = (i_bh.to(tl.int64) * NC + i_c) * N * P + o_n[:, None] * P + o_p[None, :]
     h_in = tl.load(states_ptr + s_offs, mask=m_np, other=0.0)
     dh_out = tl.load(dstates_ptr + s_offs, mask=m_np, other=0.0)
@@ -246,9 +256,10 @@ def _ssd_chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, sta
     # dB (per head): + the chunk state B^T (w * x)
     xdh = tl.dot(x_d, tl.trans(dh_out_d), input_precision=PREC)          # (BT, BN)
     db += w[:, None] * xdh
-    hd_offs = i_b.to(tl.int64) * L * H * N + t[:, None] * H * N + i_h * N + o_n[None, :]
-    tl.store(dC_ptr + hd_offs, dc, mask=m_tn)
-    tl.store(dB_ptr + hd_offs, db, mask=m_tn)
+    # summed over the group's heads here (fp32 atomics into the (batch, L, G, N) gradients):
+    # no per-head (batch, L, nheads, N) buffer, 144x B's size at the paper's config
+    tl.atomic_add(dC_ptr + bc_offs, dc, mask=m_tn, sem="relaxed")
+    tl.atomic_add(dB_ptr + bc_offs, db, mask=m_tn, sem="relaxed")
 
     # ddt: its direct uses (the scale dt_s, and inside w), then through acs
     dw = tl.sum(b.to(tl.float32) * xdh, axis=1)                          # dL/dw_s
@@ -279,6 +290,17 @@ def _dot_config(dtype: torch.dtype) -> tuple:
     return _TL[dtype], "tf32"
 
 
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """x, B, C, dy are indexed with their own (batch, L, head/group) strides; only the last
+    axis must be unit-stride (a copy only then)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _st(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, L, head-or-group) strides of a (batch, L, heads, n) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 def _block(n: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(n), cap))
 
@@ -292,31 +314,36 @@ def _states_fwd(x, dt, A, B, chunk_size: int) -> torch.Tensor:
     dot, prec = _dot_config(x.dtype)
     states = torch.empty(batch, H, nc, N, P, device=x.device, dtype=torch.float32)
     grid = (batch * H, triton.cdiv(N, BN), triton.cdiv(P, BP))
-    _ssd_state_fwd_kernel[grid](x, dt, A, B, states, L, H, G, N, P, nc,
-                                BT=chunk_size, BN=BN, BP=BP, DOT=dot, PREC=prec, num_warps=4)
+    with on_device(x):
+        _ssd_state_fwd_kernel[grid](x, dt, A, B, states, L, H, G, N, P, nc, *_st(x), *_st(B),
+                                    BT=chunk_size, BN=BN, BP=BP, DOT=dot, PREC=prec, num_warps=4)
     return states
 
 
 def ssd_fwd(x, dt, A, B, C, D, chunk_size: int = 64) -> torch.Tensor:
     """Forward launcher: y (batch, L, nheads, headdim) in x's dtype."""
-    x, dt, A, B, C, D = (t.contiguous() for t in (x, dt, A, B, C, D))
+    x, B, C = _unit_last(x), _unit_last(B), _unit_last(C)     # strided views stay views
+    dt, A, D = dt.contiguous(), A.contiguous(), D.contiguous()
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nc = triton.cdiv(L, chunk_size)
     states = _states_fwd(x, dt, A, B, chunk_size)
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     BN, BP = _block(N, 256), _block(P, 64)
     dot, prec = _dot_config(x.dtype)
     grid = (nc, batch * H, triton.cdiv(P, BP))
-    _ssd_out_fwd_kernel[grid](x, dt, A, B, C, D, states, y, L, H, G, N, P, nc,
-                              BT=chunk_size, BN=BN, BP=BP, DOT=dot, PREC=prec,
-                              num_warps=8 if BN * BP >= 64 * 64 else 4)
+    with on_device(x):
+        _ssd_out_fwd_kernel[grid](x, dt, A, B, C, D, states, y, L, H, G, N, P, nc,
+                                  *_st(x), *_st(B), *_st(C),
+                                  BT=chunk_size, BN=BN, BP=BP, DOT=dot, PREC=prec,
+                                  num_warps=8 if BN * BP >= 64 * 64 else 4)
     return y
 
 
 def ssd_bwd(dy, x, dt, A, B, C, D, chunk_size: int = 64):
     """Backward launcher: (dx, ddt, dA, dB, dC, dD), each in its input's dtype."""
-    dy, x, dt, A, B, C, D = (t.contiguous() for t in (dy, x, dt, A, B, C, D))
+    dy, x, B, C = _unit_last(dy), _unit_last(x), _unit_last(B), _unit_last(C)
+    dt, A, D = dt.contiguous(), A.contiguous(), D.contiguous()
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nc = triton.cdiv(L, chunk_size)
@@ -326,22 +353,24 @@ def ssd_bwd(dy, x, dt, A, B, C, D, chunk_size: int = 64):
     BN, BP = _block(N, 64), _block(P, 64)
     dstates = torch.empty_like(states)
     grid = (batch * H, triton.cdiv(N, BN), triton.cdiv(P, BP))
-    _ssd_dstate_bwd_kernel[grid](dy, dt, A, C, dstates, L, H, G, N, P, nc,
-                                 BT=chunk_size, BN=BN, BP=BP, DOT=dot, PREC=prec, num_warps=4)
+    with on_device(x):
+        _ssd_dstate_bwd_kernel[grid](dy, dt, A, C, dstates, L, H, G, N, P, nc, *_st(dy), *_st(C),
+                                     BT=chunk_size, BN=BN, BP=BP, DOT=dot, PREC=prec, num_warps=4)
 
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     ddt = torch.empty(batch, L, H, device=x.device, dtype=torch.float32)
-    dB_h = torch.empty(batch, L, H, N, device=x.device, dtype=torch.float32)
-    dC_h = torch.empty_like(dB_h)
+    dB_g = torch.zeros(batch, L, G, N, device=x.device, dtype=torch.float32)
+    dC_g = torch.zeros_like(dB_g)
     dA_part = torch.empty(batch, H, nc, device=x.device, dtype=torch.float32)
     dD_part = torch.empty_like(dA_part)
     BN, BP = _block(N, 256), _block(P, 256)
-    _ssd_chunk_bwd_kernel[(nc, batch * H)](x, dt, A, B, C, D, dy, states, dstates,
-                                           dx, ddt, dB_h, dC_h, dA_part, dD_part,
-                                           L, H, G, N, P, nc, BT=chunk_size, BN=BN, BP=BP,
-                                           DOT=dot, PREC=prec, num_warps=8)
-    dB = dB_h.view(batch, L, G, H // G, N).sum(3).to(B.dtype)
-    dC = dC_h.view(batch, L, G, H // G, N).sum(3).to(C.dtype)
+    with on_device(x):
+        _ssd_chunk_bwd_kernel[(nc, batch * H)](x, dt, A, B, C, D, dy, states, dstates,
+                                               dx, ddt, dB_g, dC_g, dA_part, dD_part,
+                                               L, H, G, N, P, nc, *_st(x), *_st(dy), *_st(B), *_st(C),
+                                               BT=chunk_size, BN=BN, BP=BP,
+                                               DOT=dot, PREC=prec, num_warps=8)
+    dB, dC = dB_g.to(B.dtype), dC_g.to(C.dtype)
     dA = dA_part.sum((0, 2)).to(A.dtype)
     dD = dD_part.sum((0, 2)).to(D.dtype)
     return dx, ddt.to(dt.dtype), dA, dB, dC, dD
@@ -357,7 +386,7 @@ def _reference_bwd(dy, x, dt, A, B, C, D, chunk_size):
     # torch.func.vjp, not torch.autograd: a custom op's body runs below the autograd key.
     inputs = (x, dt, A, B, C, D)
     _, vjp = torch.func.vjp(lambda *a: ssd_chunked(*a, chunk_size), *(t.float() for t in inputs))
-    return tuple(g.to(t.dtype) for g, t in zip(vjp(dy.float()), inputs))
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(vjp(dy.float()), inputs))
 
 
 @torch.library.custom_op("graftfx::ssd_scan", mutates_args=())
@@ -385,7 +414,9 @@ def _ssd_scan_bwd_op(dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: tor
 
 @_ssd_scan_bwd_op.register_fake
 def _(dy, x, dt, A, B, C, D, chunk_size):
-    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C, D))
+    # contiguous, whatever the inputs' strides (x, B, C are views into the conv output): what
+    # both paths return. ``empty_like`` would copy a view's strides and mislead the compiler.
+    return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C, D))
 
 
 def _setup_context(ctx, inputs, output):

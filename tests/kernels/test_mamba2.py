@@ -132,6 +132,55 @@ def test_opcheck(path, monkeypatch):
     assert ({"ssd_fwd", "ssd_bwd"} <= set(calls)) if path == "triton" else calls == []
 
 
+def strided_inputs(batch, L, nheads, headdim, ngroups, d_state, layout):
+    """x, B, C as the operator hands them over: views into one conv output, either (batch, L,
+    conv_dim) rows (``rows``: not dense) or channels-first, as inductor lays out a conv's output
+    (``channels``: at batch 1 a dense, permuted x, stride 1 along L); dt a slice of the
+    in-projection's output."""
+    d_inner, gn = nheads * headdim, ngroups * d_state
+    conv_dim = d_inner + 2 * gn
+    xbc = (torch.randn(batch, L, conv_dim) if layout == "rows" else
+           torch.randn(batch, conv_dim, L).transpose(1, 2))
+    x, B, C = xbc.split([d_inner, gn, gn], dim=-1)
+    dt = F.softplus(torch.randn(batch, L, nheads + 3)[..., 1:nheads + 1] - 2.0)
+    A = -torch.exp(torch.empty(nheads).uniform_(-4.0, 0.7))
+    return [x.unflatten(-1, (nheads, headdim)), dt, A, B.unflatten(-1, (ngroups, d_state)),
+            C.unflatten(-1, (ngroups, d_state)), torch.randn(nheads)]
+
+
+@pytest.mark.parametrize("batch,layout", [(2, "rows"), (1, "channels")])
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_fakes_match_strided_views(path, batch, layout, monkeypatch):
+    """On strided views (the operator's layout) both ops' fake outputs have the real outputs'
+    shapes and strides: the compiler plans its buffers from the fakes (a backward fake that
+    copied x's strides broke the compiled mamba2 graft), and the values are the recurrence's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = _record(monkeypatch)
+    inputs = strided_inputs(batch, 20, 2, 16, 1, 8, layout)
+    assert not inputs[0].is_contiguous() and not inputs[3].is_contiguous()
+    if layout == "rows":        # unit-stride channels: the launchers take the views, no copies
+        assert all(ssd_module._unit_last(t) is t for t in (inputs[0], inputs[3], inputs[4]))
+    dy = torch.randn(inputs[0].shape)
+    with kernels(path):
+        y = torch.ops.graftfx.ssd_scan(*inputs, 16)
+        grads = torch.ops.graftfx.ssd_scan_bwd(dy, *inputs, 16)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(t) for t in (dy, *inputs)]
+        fy = torch.ops.graftfx.ssd_scan(*fake[1:], 16)
+        fgrads = torch.ops.graftfx.ssd_scan_bwd(*fake, 16)
+    def layout(t):              # strides of size-1 dims place nothing
+        return t.shape, t.dtype, [s for s, n in zip(t.stride(), t.shape) if n > 1]
+    for name, real, f in zip(("y", *GRADS), (y, *grads), (fy, *fgrads)):
+        assert layout(real) == layout(f), name
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y_ref = ssd_recurrent(*leaves)
+    assert_rel_close("y", y, y_ref, 1e-5)
+    for name, g, g_ref in zip(GRADS, grads, torch.autograd.grad(y_ref, leaves, dy)):
+        assert_rel_close(name, g, g_ref, 1e-5)
+    assert ({"ssd_fwd", "ssd_bwd"} <= set(calls)) if path == "triton" else calls == []
+
+
 @pytest.mark.xfail(strict=True, raises=NotImplementedError,
                    reason="known bug: the reference ssd_scan_bwd runs torch.func.vjp inside the "
                           "custom op, which fails under any TorchDispatchMode (FlopCounterMode, "
