@@ -52,7 +52,7 @@ def _hyena_y_fwd_kernel(U, W, BIAS, Y, L, D, stride_ub, stride_ul, stride_yb, st
         k = tl.load(ptrs + D, mask=msk, other=0.0).to(tl.float32)
         v = tl.load(ptrs + 2 * D, mask=msk, other=0.0).to(tl.float32)
         w = tl.load(W + offs_c * K + j, mask=mask_c, other=0.0).to(tl.float32)
-        g += w[None, :] * (k * v)
+        g += tl.where(msk, w[None, :] * (k * v), 0.0)     # rows before the start add no term
     if HAS_BIAS:
         g += tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & mask_c[None, :]
@@ -93,7 +93,7 @@ def _hyena_y_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, L, D,
         z = (tl.load(ptrs + D, mask=msk, other=0.0).to(tl.float32)
              * tl.load(ptrs + 2 * D, mask=msk, other=0.0).to(tl.float32))
         w = tl.load(W + offs_c * K + j, mask=mask_c, other=0.0).to(tl.float32)
-        g += w[None, :] * z
+        g += tl.where(msk, w[None, :] * z, 0.0)
         tl.store(DW_PART + (part * K + j) * D + offs_c, tl.sum(dg0 * z, axis=0), mask=mask_c)
     if HAS_BIAS:
         g += tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]

@@ -123,6 +123,8 @@ def _nat2d_fwd_kernel(Q, K, V, O, LSE,
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    # a NaN score is skipped by the running max but reaches l_i: the row's logsumexp is NaN too
+    lse = tl.where(l_i == l_i, lse, float("nan"))
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh * L + offs_m, lse, mask=m_ok)
