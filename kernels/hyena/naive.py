@@ -11,13 +11,27 @@ import torch
 import torch.nn.functional as F
 
 
+def _shifted_sum(u: torch.Tensor, weight: torch.Tensor, bias, axis: int) -> torch.Tensor:
+    """``y[t] = b + sum_j w[j] * u[t - (K-1) + j]`` along ``axis`` (1: tokens, 2: features), with
+    only the terms whose source index exists (no zero padding multiplied by a weight: an infinite
+    or NaN tap then reaches only the outputs that really use it). ``weight`` broadcasts against
+    ``u`` with the tap axis last."""
+    u = u.float()
+    n, taps = u.shape[axis], weight.shape[-1]
+    y = torch.zeros_like(u) if bias is None else torch.zeros_like(u) + bias.float()
+    for j in range(taps):
+        shift = taps - 1 - j                      # output t reads source t - shift
+        if shift >= n:
+            continue
+        src = u.narrow(axis, 0, n - shift)
+        w = weight.float()[..., j]
+        y.narrow(axis, shift, n - shift).add_(src * (w if axis == 2 else w.unsqueeze(0).unsqueeze(0)))
+    return y
+
+
 def causal_conv(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Causal depthwise conv along the token axis: (B, L, C) -> (B, L, C)."""
-    length, channels, taps = u.shape[1], u.shape[2], weight.shape[1]
-    b = None if bias is None else bias.float()
-    y = F.conv1d(u.float().transpose(1, 2), weight.float().unsqueeze(1), b,
-                 padding=taps - 1, groups=channels)
-    return y[..., :length].transpose(1, 2)
+    return _shifted_sum(u, weight, bias, axis=1)
 
 
 def hyena_x(u, weight, bias=None):
@@ -40,10 +54,8 @@ def hyena_se(u, feat_weight, feat_bias, inner_weight, inner_bias):
 
 def feature_conv(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Causal conv along the FEATURE axis, one filter per token: (B, L, N), weight (L, K)."""
-    features, taps = u.shape[2], weight.shape[1]
-    b = None if bias is None else bias.float()
-    y = F.conv1d(u.float(), weight.float().unsqueeze(1), b, padding=taps - 1, groups=u.shape[1])
-    return y[..., :features]
+    b = None if bias is None else bias.float().unsqueeze(-1)          # (L, 1): one per token
+    return _shifted_sum(u, weight.unsqueeze(0).unsqueeze(-2), b, axis=2)
 
 
 def mlp_hyena_x(u, weight, bias=None):

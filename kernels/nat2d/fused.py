@@ -120,10 +120,13 @@ def _nat2d_fwd_kernel(Q, K, V, O, LSE,
                 acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
                 m_i = m_new
 
+    # Every real query has at least itself in its window, so l_i == 0 only when every score is
+    # -inf (an infinite input): NaN and -inf, as softmax gives (rows past L are not stored). A NaN
+    # score is skipped by the running max but reaches l_i: the logsumexp is NaN too.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    acc = acc / l_safe[:, None]
+    acc = tl.where(l_i[:, None] > 0.0, acc / l_safe[:, None], float("nan"))
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-    # a NaN score is skipped by the running max but reaches l_i: the row's logsumexp is NaN too
+    lse = tl.where(l_i > 0.0, lse, float("-inf"))
     lse = tl.where(l_i == l_i, lse, float("nan"))
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
