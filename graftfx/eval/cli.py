@@ -238,9 +238,8 @@ def register(commands: dict, arg_builders: dict) -> None:
     parsers = {}
 
     def cmd(args) -> int:
-        if not getattr(args, "eval_command", None):
-            parsers["eval"].print_help()
-            return 2
+        if not getattr(args, "eval_command", None):   # one line naming the choices, exit 2
+            parsers["eval"].error(f"no EVAL_COMMAND given; choose one of {', '.join(_SUB)}")
         return _SUB[args.eval_command][0](args)
 
     def build(p: argparse.ArgumentParser):

@@ -168,3 +168,41 @@ def test_shard_reads_rows_memory_mapped(tmp_path, monkeypatch):
     assert [m["shape"] for m in maps] == [(50, 3, 4)] and maps[0]["offset"] == shard.base and maps[0]["mode"] == "r"
     assert len(sha) == 64
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+def test_the_cli_cache_is_keyed_on_the_teachers_weights_seed_and_regions_not_its_name(tmp_path, capsys):
+    """The issue: the CLI gave the model's name as the cache key, so a retrained checkpoint at the
+    same path reused the old cache. Now the same path with other weights, another seed or other
+    rules (regions) is refused on read, in one line naming the cache and what differs."""
+    from safetensors.torch import save_file
+
+    from graftfx.cli import main
+    from graftfx.models import load_bundled_digits_dit
+
+    sd = load_bundled_digits_dit().state_dict()
+    ckpt, cache = tmp_path / "teacher.safetensors", tmp_path / "cache"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt))
+    every = tmp_path / "every.toml"
+    every.write_text('version = 1\n[[rule]]\npattern = "self_attention"\noperator = "hyena_x"\n')
+
+    def distill(rules="digits-mha-hyena_x-50p.toml", *extra):
+        argv = ["distill", str(rules), "--model", str(ckpt), "--out", str(tmp_path / f"out{len(runs)}"),
+                "--cache", str(cache), "--samples", "8", "--shard-size", "4", "--stage", "1", "--steps1", "1",
+                "--batch1", "4", "--no-progress", "--device", "cpu", *extra]
+        runs.append(argv)
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err.strip()
+
+    runs: list = []
+    assert distill()[0] == 0
+    assert distill()[0] == 0                               # the same teacher, seed and rules: reused
+    code, err = distill("digits-mha-hyena_x-50p.toml", "--seed", "1")
+    assert code == 2 and err.count("\n") == 0 and f"cache {cache} was written with another seed" in err, err
+    code, err = distill(every)
+    assert code == 2 and err.count("\n") == 0 and "written with other regions" in err, err
+    save_file({k: (v + 0.01 * (i % 3 == 0)).contiguous() for i, (k, v) in enumerate(sd.items())}, str(ckpt))  # retrained
+    code, err = distill()
+    assert code == 2 and err.count("\n") == 0 and f"cache {cache} was written with another model_hash" in err, err

@@ -415,6 +415,87 @@ def run_full_disks(work: Path, n: int, log=print) -> Tally:
     return tally
 
 
+def export_command(job: Path, weights: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "graftfx", "export", str(job / "rules.toml"), "--model", str(job / "teacher.safetensors"),
+            "--weights", str(weights), "--partial", "--out", str(out)]
+
+
+def export_disk_case(job: Path, work: Path, weights: Path, want: bytes, how: str, size: int, mount: bool) -> Result:
+    """A real ``graftfx export`` onto a full disk: ``how`` = "empty" (nothing there before) or
+    "replace" (an earlier export there, which must survive byte for byte). Then room again: the
+    same command must write exactly the export of an unconstrained run."""
+    case = Case("faults", f"full disk: export ({how})", "invalid", size)
+    root = work / "disk"
+    disk = SmallDisk(root, size) if mount else None
+    out = root / "out"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        cmd = export_command(job, weights, out)
+        earlier = None
+        if how == "replace":
+            first = run(cmd, env())
+            if first.returncode != 0:
+                return Result(case, "traceback", f"the first export did not fit ({size:,} bytes): {first.stderr[-300:]}")
+            earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+        res = run(cmd, env(), preexec_fn=None if mount else _fsize_limit(size))
+        if res.returncode == 0:
+            return Result(case, "silently wrong", f"exit 0 on a {size:,}-byte disk")
+        if not one_line_error(res):
+            return Result(case, "traceback", res.stderr[-700:])
+        line = res.stderr.strip()
+        if not any(w in line.lower() for w in ("space", "too large")) or str(out) not in line:
+            return Result(case, "vague error", f"does not say the disk is full or where: {line}")
+        if earlier is not None and {p.name: p.read_bytes() for p in out.iterdir()} != earlier:
+            return Result(case, "data lost", f"the earlier export in {out} changed: {line}")
+        left = [p.name for p in root.iterdir() if p.name != "out"]
+        if left:
+            return Result(case, "data lost", f"temporary files left beside --out: {left}")
+        if mount:
+            disk.grow(256 << 20)
+        again = run(cmd, env())
+        if again.returncode != 0:
+            return Result(case, "data lost", f"the rerun with room failed: {again.stderr[-500:]}")
+        if (out / "model.safetensors").read_bytes() != want:
+            return Result(case, "silently wrong", "the rerun's model.safetensors differs from an unconstrained export")
+        return Result(case, "clean error", line)
+    finally:
+        if disk is not None:
+            disk.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_export_disks(work: Path, n: int = 3, log=print) -> Tally:
+    """Full disks during ``graftfx export`` of a stage-1 run's checkpoint (stage 1 only is run)."""
+    job = make_job(work / "job")
+    base = work / "whole"
+    cmd = command(job, base)
+    cmd[cmd.index("--stage") + 1] = "1"
+    res = run(cmd, env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    weights = base / "stage1" / "checkpoint"
+    ref = work / "ref"
+    res = run(export_command(job, weights, ref), env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = (ref / "model.safetensors").read_bytes()
+    size = footprint(ref)
+    mount = can_mount()
+    if mount:
+        plans = [("empty", size // 2), ("replace", size * 3 // 2), ("empty", size - 4096), ("replace", size * 2 - 8192)]
+    else:
+        largest = max(p.stat().st_size for p in ref.iterdir())
+        plans = [("empty", largest // 2), ("empty", largest - 1), ("replace", largest // 3)]
+    plans = [(how, max(4096, x // 4096 * 4096) if mount else x) for how, x in plans]
+    tally = Tally()
+    for i, (how, x) in enumerate(plans[:n]):
+        folder = work / f"export-{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        r = export_disk_case(job, folder, weights, want, how, x, mount)
+        tally.add(r)
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"  {'tmpfs' if mount else 'RLIMIT_FSIZE'} {x:,} bytes (export needs {size:,}), {how}: {r.outcome} {r.detail[:200]}")
+    return tally
+
+
 # ---------------------------------------------------------------------------------------------
 # cache corruption and two runs on one cache
 # ---------------------------------------------------------------------------------------------
@@ -534,12 +615,17 @@ def run_concurrent(work: Path, pairs: int = 9, variants=None, log=print) -> Tall
     return tally
 
 
-def run_all(work: Path, *, full: bool = True, log=print) -> Tally:
+PARTS = ("sigkill", "disk", "corruption", "concurrent")
+
+
+def run_all(work: Path, *, full: bool = True, log=print, parts=PARTS) -> Tally:
     tally = Tally()
-    for name, fn in (("SIGKILL", lambda: run_sigkills(work / "kill", 24 if full else 3, log)),
-                     ("full disk", lambda: run_full_disks(work / "disk", 12 if full else 4, log)),
-                     ("cache corruption", lambda: run_corruptions(work / "corrupt", log)),
-                     ("concurrent", lambda: run_concurrent(work / "shared", 9 if full else 3, log))):
+    for name, fn in (("sigkill", lambda: run_sigkills(work / "kill", 24 if full else 3, log=log)),
+                     ("disk", lambda: run_full_disks(work / "disk", 12 if full else 4, log=log)),
+                     ("corruption", lambda: run_corruptions(work / "corrupt", log=log)),
+                     ("concurrent", lambda: run_concurrent(work / "shared", 9 if full else 3, log=log))):
+        if name not in parts:
+            continue
         log(f"-- {name}")
         for r in fn().results:
             tally.add(r)

@@ -6,14 +6,26 @@ must sit exactly where the reference's do.
 Outcomes: ``success`` (within tolerance, same non-finite positions), ``silently wrong`` (values
 off, or NaN/inf where the reference has none or the other way round), ``wrongly refused`` (a
 ValueError for an input the function documents as valid), ``traceback`` (anything else).
+
+The Triton path is proved, not assumed: every case records the launchers (``<op>_fwd``) the
+public function called and fails the campaign (``TritonPathNotTaken``) if the one it must reach
+was not called. ``@triton.jit`` reads ``TRITON_INTERPRET`` when a kernel module is imported, so
+the variable must be set before that: ``measure.py`` runs this campaign in its own subprocess
+(``python tests/reliability/_kernels.py``) with ``TRITON_INTERPRET=1`` in the environment, and
+``check_interpreter`` refuses to start on a CPU if the kernel modules were imported without it.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import math
 import os
 import random
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel module is imported
+if not any(m.endswith("kernels._dispatch") for m in sys.modules):
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel module is imported
 
 try:
     from ._harness import Case, Result, Tally
@@ -106,6 +118,65 @@ def make_case(name: str, rng: random.Random, g):
         f"x {tuple(x.shape)} {dtype} groups {G} state {N} chunk {chunk}"
 
 
+class TritonPathNotTaken(RuntimeError):
+    """A case ran but its Triton launcher was not called: the comparison would prove nothing."""
+
+
+def check_interpreter() -> None:
+    """On a machine without a GPU the Triton path needs ``TRITON_INTERPRET=1``, set before the
+    kernel modules were imported (``@triton.jit`` reads it at import)."""
+    import torch
+
+    from graftfx.kernels._dispatch import interpreting
+
+    if not torch.cuda.is_available() and not interpreting():
+        raise TritonPathNotTaken("no GPU and TRITON_INTERPRET is not 1: run the kernels campaign as "
+                                 "TRITON_INTERPRET=1 python tests/reliability/_kernels.py (measure.py does)")
+    from graftfx.kernels.swa import fused
+
+    if not torch.cuda.is_available() and type(fused._swa_fwd_kernel).__name__ != "InterpretedFunction":
+        raise TritonPathNotTaken("the kernel modules were imported before TRITON_INTERPRET=1 was set: "
+                                 "run the kernels campaign in a fresh process (python tests/reliability/_kernels.py)")
+
+
+LAUNCHERS = {"hyena_x": ["hyena.hyena_x.hyena_x_fwd"], "mlp_hyena_x": ["hyena.hyena_x.mlp_hyena_x_fwd"],
+             "hyena_y": ["hyena.hyena_y.hyena_y_fwd"], "short_conv": ["hyena.featurize.short_conv_fwd"],
+             "hyena_se": ["hyena.featurize.short_conv_fwd", "hyena.hyena_y.hyena_y_fwd"],
+             "swa": ["swa.fused.swa_fwd"], "nat2d": ["nat2d.fused.nat2d_fwd"],
+             "linear_attention": ["linear_attn.noncausal.linear_attn_fwd"], "ssd": ["mamba2.ssd.ssd_fwd"]}
+
+
+def launchers(name: str) -> list[str]:
+    """The Triton launchers (``module.attribute`` under graftfx.kernels) the public function
+    ``name`` must call on the Triton path."""
+    return LAUNCHERS[name]
+
+
+@contextlib.contextmanager
+def recorded(names):
+    """Wrap each launcher where the custom ops look it up (its module's attribute, whatever is
+    there now) for the block; yields the list of launcher names called."""
+    import importlib
+
+    calls: list[str] = []
+    saved = []
+    for dotted in names:
+        module_name, attr = dotted.rsplit(".", 1)
+        module = importlib.import_module(f"graftfx.kernels.{module_name}")
+        original = getattr(module, attr)
+
+        def wrapper(*args, _fn=original, _name=attr, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        saved.append((module, attr, original))
+        setattr(module, attr, wrapper)
+    try:
+        yield calls
+    finally:
+        for module, attr, original in saved:
+            setattr(module, attr, original)
+
+
 def kernel_case(name: str, i: int, seed: int) -> Result:
     import torch
 
@@ -124,14 +195,18 @@ def kernel_case(name: str, i: int, seed: int) -> Result:
         inputs[j] = t
         desc += f", {'nan/inf'} in input {j}"
     case = Case("kernels", name + (" (NaN/inf)" if poison else ""), "valid", desc)
+    must = [n.rsplit('.', 1)[1] for n in launchers(name)]
     try:
-        with kernels("triton"):
+        with kernels("triton"), recorded(launchers(name)) as calls:
             got = fn(*inputs)
-        want = ref(*inputs)
+        with kernels("reference"):
+            want = ref(*inputs)
     except ValueError as e:
         return Result(case, "wrongly refused", f"{desc}: {e}")
     except Exception as e:  # noqa: BLE001
         return Result(case, "traceback", f"{desc}: {type(e).__name__}: {str(e)[:300]}")
+    if any(m not in calls for m in must):
+        raise TritonPathNotTaken(f"{name} ({desc}): launchers called {calls}, expected {must}")
     got, want = got.float(), want.float()
     if got.shape != want.shape:
         return Result(case, "silently wrong", f"{desc}: shape {tuple(got.shape)} vs reference {tuple(want.shape)}")
@@ -149,6 +224,7 @@ def kernel_case(name: str, i: int, seed: int) -> Result:
 
 
 def run_kernels(n: int, seed: int = 0, log=print) -> Tally:
+    check_interpreter()
     tally = Tally()
     for name in KERNELS:
         for i in range(n):
@@ -156,3 +232,25 @@ def run_kernels(n: int, seed: int = 0, log=print) -> Tally:
         if log:
             log(f"  {name}: {n} cases")
     return tally
+
+
+def main(argv=None) -> int:
+    """Run the campaign in this (fresh) process and write ``Tally.to_json()`` to ``--out``."""
+    import warnings
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # numpy inside the interpreter, on NaN inputs
+        tally = run_kernels(args.n, args.seed, log=lambda m: print(m, flush=True))
+    with open(args.out, "w") as fh:
+        json.dump({"tally": tally.to_json(), "summary": tally.summary()}, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())

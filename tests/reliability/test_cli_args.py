@@ -50,6 +50,10 @@ def cli(argv, capsys):
                   "--out", "o"], "keys of the wrong dtype", id="partial-int64"),
     pytest.param(["eval", "digits", "--steps", "ddim0", "--n-per-class", "1"], "--steps ddim0:", id="eval-steps"),
     pytest.param(["distill", "--frobnicate"], "graftfx distill: error: the following arguments are required", id="argparse-one-line"),
+    pytest.param([], "graftfx: error: no COMMAND given; choose one of inspect, explain", id="no-command"),
+    pytest.param(["eval"], "graftfx eval: error: no EVAL_COMMAND given; choose one of train-classifier", id="eval-no-command"),
+    pytest.param(["nosuchcommand"], "invalid choice: 'nosuchcommand'", id="unknown-command"),
+    pytest.param(["-x"], "unrecognized arguments: -x", id="bad-global-flag"),
 ])
 def test_the_issues_argument_lists(argv, message, tmp_path, capsys, monkeypatch):
     import time
@@ -107,3 +111,56 @@ def test_the_cli_classifier_is_not_a_rubber_stamp(tmp_path, monkeypatch):
     assert outcome(two_lines) == "traceback"
     assert outcome(lambda argv: 0) == "silently wrong"
     assert outcome(litter, expect="valid") == "silently wrong"
+
+
+def test_export_partial_with_a_rule_file_equal_to_the_training_one_is_valid(tmp_path, capsys):
+    """The 5 'exit 0 for an invalid argument list' findings of the first after.json: stage-1
+    weights trained for digits-mha-hyena_x-50p.toml, exported with good.toml, the same rule under
+    another name. The export is right (every key fits, the weights land in the model): the
+    classifier was wrong, and now labels only that pairing valid."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import graftfx
+    from graftfx.models import load_bundled_digits_dit
+
+    good = tmp_path / "good.toml"
+    good.write_text('version = 1\n[[rule]]\npattern = "self_attention"\noperator = "hyena_x"\n'
+                    'select = { preset = "paper-50" }\n')
+    model = load_bundled_digits_dit()
+    g = graftfx.graft(model, "digits-mha-hyena_x-50p.toml", model.example_inputs(2))
+    trained = {n: p.detach() + 0.25 for n, p in g.spliced_named_parameters()}
+    save_file(trained, str(tmp_path / "w.safetensors"))
+    code, err = cli(["export", str(good), "--model", "digits", "--weights", str(tmp_path / "w.safetensors"),
+                     "--partial", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(exported[n], t) for n, t in trained.items() if n in exported)
+    assert sum(n in exported for n in trained) == len(trained)
+
+    runner = h.CliRunner.__new__(h.CliRunner)
+    runner.f, runner.stage1 = tmp_path, tmp_path / "run" / "stage1" / "checkpoint"
+    ckpt = (str(runner.stage1), "valid")
+    assert runner.weights_label([str(good)], ckpt) == ckpt
+    assert runner.weights_label(["digits-mha-hyena_x-50p.toml"], ckpt) == ckpt
+    for other in ([str(tmp_path / "heads5.toml")], [str(tmp_path / "absurd.toml")], ["nope.toml"], [""]):
+        assert runner.weights_label(other, ckpt) == (ckpt[0], "invalid"), other
+    assert runner.weights_label(["nope.toml"], ("x.safetensors", "valid")) == ("x.safetensors", "valid")
+
+
+def test_the_classifier_still_flags_an_export_that_ignores_wrong_weights(tmp_path, monkeypatch):
+    """An export that accepted stage-1 weights with a rule file they were not trained for (exit 0)
+    is still 'silently wrong' to the classifier."""
+    import graftfx.cli as cli_module
+
+    runner = h.CliRunner.__new__(h.CliRunner)
+    runner.sentinel, runner.f = tmp_path / "CODE_RAN", tmp_path
+    runner.stage1 = tmp_path / "stage1"
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    rules = [str(tmp_path / "heads5.toml")]
+    weights, label = runner.weights_label(rules, (str(runner.stage1), "valid"))
+    argv = ["export", *rules, "--model", "digits", "--out", str(case_dir / "out"), "--weights", weights, "--partial"]
+    monkeypatch.setattr(cli_module, "main", lambda argv: 0)
+    r = runner.run(h.Case("cli", "export", label, (argv, case_dir, []), names=tuple(rules)))
+    assert r.outcome == "silently wrong", r
