@@ -3,6 +3,7 @@ renamed over the target, so a reader (or a crash) never sees half a file."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -70,3 +71,12 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB chunks (shards and exported weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

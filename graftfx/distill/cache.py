@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from graftfx.errors import GraftError
-from graftfx.io import atomic_path, atomic_write_json
+from graftfx.io import atomic_path, atomic_write_json, file_sha256
 
 from .calibration import CalibrationSet
 from .record import Tap, record
@@ -142,14 +142,6 @@ def _prefetch(mapped: np.memmap, start: int, idx: np.ndarray) -> None:
             mm.madvise(mmap.MADV_WILLNEED, aligned, lo + row - aligned)
         except (OSError, ValueError):
             return
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from graftfx._version import __version__
 from graftfx.errors import GraftError, first_line
-from graftfx.io import atomic_write_json, temp_name
+from graftfx.io import atomic_write_json, file_sha256, temp_name
 from graftfx.rules import Rule, RuleSet, Select
 from graftfx.select.select import select
 from graftfx.splice.splice import GraftedModule, build_operator, make_inputs, splice
@@ -58,14 +58,6 @@ def preflight(plan) -> None:
         build_operator(rule, region, device="meta")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_grafted(grafted: GraftedModule, folder, *, base_id: str = "", base_hash: str = "",
                    settings: dict | None = None, metrics: dict | None = None) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/graft.json``; the folder is replaced as a
@@ -88,7 +80,7 @@ def export_grafted(grafted: GraftedModule, folder, *, base_id: str = "", base_ha
             "rules": [r.to_dict() for r in grafted.rules],
             "regions": [g.as_dict() for g in grafted.grafts],
             "weights": {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size,
-                        "sha256": _file_sha256(tmp / WEIGHTS)},
+                        "sha256": file_sha256(tmp / WEIGHTS)},
             "settings": settings or {},
             "metrics": metrics or {},
         }
@@ -242,7 +234,7 @@ def load_grafted(base_model: torch.nn.Module, folder, *, check_hash: bool = True
     record = manifest.get("weights")
     if record is not None:
         size = weights.stat().st_size
-        if size != record["bytes"] or _file_sha256(weights) != record["sha256"]:
+        if size != record["bytes"] or file_sha256(weights) != record["sha256"]:
             raise GraftError(f"{weights} is not the file {MANIFEST} was written with (size or sha256 differ): the "
                              "export is damaged or was interrupted; export the model again")
     saved_shapes, saved_dtypes = safetensors_header(weights, f"{weights}")

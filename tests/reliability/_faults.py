@@ -138,7 +138,7 @@ def verify_cache(folder: Path) -> tuple[int, str]:
         return 0, "index.json unreadable"
     if not index.get("complete"):
         # an interrupted write: each shard the index names must still verify
-        from graftfx.distill.cache import file_sha256
+        from graftfx.io import file_sha256
 
         n = 0
         for shards in index["shards"].values():
