@@ -42,3 +42,27 @@ def tiny_dit():
     torch.manual_seed(0)
     return _activate(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4,
                                    num_heads=4, num_classes=10)))
+
+
+# The distillation tests' teacher, rules and data (tests/_distill_job.py holds the pieces, which
+# the tests that start graftfx distill processes also use).
+@pytest.fixture
+def digits_dit():
+    from ._distill_job import tiny_digits_dit
+
+    return tiny_digits_dit()
+
+
+@pytest.fixture
+def rules():
+    from ._distill_job import tiny_rules
+
+    return tiny_rules()
+
+
+@pytest.fixture
+def digits():
+    from graftfx.distill import load_data
+
+    x, y = load_data("digits")
+    return x[:256], y[:256]

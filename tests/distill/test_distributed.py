@@ -18,24 +18,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from graftfx.distill.stage1 import merge_rank_checkpoints
-from graftfx.models import DiT, DiTConfig
 from graftfx.training import CheckpointStore
 
-RULES = """version = 1
-[[rule]]
-pattern = "self_attention"
-operator = "mha"
-select = { preset = "paper-50" }
-options = { init = "fresh" }
-[[rule]]
-pattern = "mlp"
-operator = "mlp"
-select = { preset = "paper-50" }
-options = { ratio = 3 }
-"""
+from .._distill_job import make_job
+
 COMMON = ["--data", "digits", "--samples", "32", "--shard-size", "16", "--steps1", "6", "--batch1", "4",
           "--steps2", "3", "--batch2", "4", "--lr2", "1e-3", "--warmup2", "0", "--no-progress", "--ckpt-every", "3",
           "--log-every", "1", "--device", "cpu"]
@@ -58,23 +47,11 @@ def _run(argv, nproc=1):
     return res
 
 
-def _teacher() -> DiT:
-    """The tiny digits DiT of tests/distill/conftest.py (blocks that are not identities)."""
-    torch.manual_seed(0)
-    m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for b in m.blocks:
-            b.adaLN_modulation[1].weight.copy_(torch.randn(b.adaLN_modulation[1].weight.shape, generator=g) * 0.05)
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The single-process run (both stages) the distributed runs are compared with."""
     t = tmp_path_factory.mktemp("distributed")
-    save_file(_teacher().state_dict(), str(t / "teacher.safetensors"))
-    (t / "rules.toml").write_text(RULES)
+    make_job(t)
     _run(_base(t) + ["--out", str(t / "one")])
     return t
 

@@ -24,46 +24,18 @@ import time
 from pathlib import Path
 
 try:
+    from .._distill_job import make_job
     from ._harness import Case, Result, Tally
-except ImportError:  # run by measure.py, which puts this folder on sys.path
+except ImportError:  # run by measure.py, which puts this folder (and tests/, for _distill_job) on sys.path
+    from _distill_job import make_job
     from _harness import Case, Result, Tally
 
-RULES = """version = 1
-[[rule]]
-pattern = "self_attention"
-operator = "mha"
-select = { preset = "paper-50" }
-options = { init = "fresh" }
-[[rule]]
-pattern = "mlp"
-operator = "mlp"
-select = { preset = "paper-50" }
-options = { ratio = 3 }
-"""
 # stage 1: steps 2, 4, 6 are checkpoints; stage 2: 2 ... 10 (8 and 10 exist only in stage 2)
 ARGS = ["--data", "digits", "--samples", "24", "--shard-size", "6", "--stage", "both", "--steps1", "6",
         "--batch1", "4", "--steps2", "10", "--batch2", "4", "--ckpt-every", "2", "--log-every", "1",
         "--no-progress", "--device", "cpu"]
 CKPT_PAUSE = "GRAFTFX_TEST_CHECKPOINT_PAUSE"
 CACHE_PAUSE = "GRAFTFX_TEST_CACHE_PAUSE"
-
-
-def make_job(folder: Path) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    from graftfx.models import DiT, DiTConfig
-
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for b in m.blocks:
-            b.adaLN_modulation[1].weight.copy_(torch.randn(b.adaLN_modulation[1].weight.shape, generator=g) * 0.05)
-    save_file(m.state_dict(), str(folder / "teacher.safetensors"))
-    (folder / "rules.toml").write_text(RULES)
-    return folder
 
 
 def command(job: Path, out: Path, *extra) -> list[str]:

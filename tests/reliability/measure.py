@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))            # tests/: _distill_job (the shared distill job)
 if "--tree" in sys.argv:  # measure another copy of the code (e.g. the tree before a fix): it goes first
     TREE = str(Path(sys.argv[sys.argv.index("--tree") + 1]).resolve())
     sys.path.insert(0, TREE)

@@ -12,24 +12,13 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from graftfx.models import DiT, DiTConfig
 from graftfx.training import CheckpointStore
 from graftfx.training.checkpoint import PAUSE_ENV
 
-RULES = """version = 1
-[[rule]]
-pattern = "self_attention"
-operator = "mha"
-select = { preset = "paper-50" }
-options = { init = "fresh" }
-[[rule]]
-pattern = "mlp"
-operator = "mlp"
-select = { preset = "paper-50" }
-options = { ratio = 3 }
-"""
+from .._distill_job import make_job
+
 ARGS = ["--data", "digits", "--samples", "24", "--shard-size", "12", "--stage", "1", "--steps1", "6", "--batch1", "4",
         "--ckpt-every", "2", "--log-every", "1", "--no-progress", "--device", "cpu"]
 
@@ -52,15 +41,7 @@ def _run(cmd, env):
 
 @pytest.fixture
 def job(tmp_path):
-    torch.manual_seed(0)
-    m = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for b in m.blocks:
-            b.adaLN_modulation[1].weight.copy_(torch.randn(b.adaLN_modulation[1].weight.shape, generator=g) * 0.05)
-    save_file(m.state_dict(), str(tmp_path / "teacher.safetensors"))
-    (tmp_path / "rules.toml").write_text(RULES)
-    return tmp_path
+    return make_job(tmp_path)
 
 
 def test_sigkill_while_writing_a_checkpoint_then_resume_equals_the_uninterrupted_run(job):
