@@ -4,7 +4,10 @@ the dtype cast of reference gradients, and input checks with one-line messages.
 Layout convention of every Hyena kernel: activations are ``(B, L, C)`` with the channel axis
 contiguous; a depthwise filter is ``(C, K)`` in ``torch.nn.Conv1d`` tap order, so output row
 ``t`` is ``bias[c] + sum_j weight[c, j] * u[t - (K - 1) + j, c]`` with zeros before row 0
-(``F.conv1d(padding=K-1)[..., :L]``): the last tap ``K - 1`` multiplies the current row.
+(``F.conv1d(padding=K-1)[..., :L]``): the last tap ``K - 1`` multiplies the current row. The
+kernels read filters as ``(K, C)`` (``taps_major``: the launchers transpose the tiny filter
+tensor), so each tap's weights for a tile's channels are one contiguous vector; the public
+functions and the operators' parameters keep ``(C, K)``.
 """
 from __future__ import annotations
 
@@ -19,19 +22,20 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------- Triton helpers
 @triton.jit
 def conv_tile(u_ptr, w_ptr, b_ptr, rows, offs_c, row_ok, mask_c, lo, stride_un, stride_uc,
-              K: tl.constexpr, HAS_BIAS: tl.constexpr,
+              stride_wk, K: tl.constexpr, HAS_BIAS: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """fp32 causal depthwise conv on a (BLOCK_N rows, BLOCK_C channels) tile.
 
     ``out[r, c] = b[c] + sum_j w[c, j] * u[rows[r] - (K - 1) + j, c]``; source rows below ``lo``
     add nothing (``lo`` = 0 for a sequence of its own, negative when the previous group's
     data continues the sequence). ``u_ptr``/``w_ptr``/``b_ptr`` are already offset to this
-    batch element and group; ``w`` is (C, K) row-major.
+    batch element and group; ``w`` is (K, C) with tap stride ``stride_wk`` (channels contiguous:
+    the launchers pass ``weight.t().contiguous()``, so a tap's weights load as one vector).
     """
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(K):
         src = rows - (K - 1) + j
-        w = tl.load(w_ptr + offs_c * K + j, mask=mask_c, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + j * stride_wk + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         ok = (row_ok & (src >= lo))[:, None] & mask_c[None, :]
         x = tl.load(u_ptr + src[:, None] * stride_un + offs_c[None, :] * stride_uc, mask=ok, other=0.0)
         # a source row before the sequence is no term at all (not 0 * w: w may be inf or NaN)
@@ -42,6 +46,11 @@ def conv_tile(u_ptr, w_ptr, b_ptr, rows, offs_c, row_ok, mask_c, lo, stride_un, 
 
 
 # ----------------------------------------------------------------------------- launch helpers
+def taps_major(weight: torch.Tensor) -> torch.Tensor:
+    """A (C, K) filter as the kernels read it: (K, C), channels contiguous (C*K elements)."""
+    return weight.t().contiguous()
+
+
 def fit_tiles(tiles: tuple[int, int, int], rows: int, channels: int, taps: int,
               rows_contiguous: bool = False, interpreted: bool = False) -> tuple[int, int, int]:
     """Clamp a kernel's (BLOCK_N, BLOCK_C, num_warps) to the problem: powers of two >= 16, no

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from .._dispatch import interpreting, on_device, optional_backend, use_triton
 from . import naive
-from .common import check_activation, check_bias, check_filter, cast_grads, conv_tile, fit_tiles
+from .common import (cast_grads, check_activation, check_bias, check_filter, conv_tile, fit_tiles,
+                     taps_major)
 
 BACKENDS = ("graftfx", "causal_conv1d")
 # (BLOCK_N, BLOCK_C, num_warps) on sm_90: 44-78 registers, no spills (see common.fit_tiles).
@@ -32,7 +33,7 @@ _BWD_TILES = (32, 128, 8)
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
 def _short_conv_fwd_kernel(U, W, BIAS, Y, L, C,
-                           stride_ub, stride_ul, stride_yb, stride_yl,
+                           stride_ub, stride_ul, stride_yb, stride_yl, stride_wk,
                            K: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -43,7 +44,7 @@ def _short_conv_fwd_kernel(U, W, BIAS, Y, L, C,
     row_ok = rows < L
     mask_c = offs_c < C
     y = conv_tile(U + pid_b * stride_ub, W, BIAS, rows, offs_c, row_ok, mask_c, 0, stride_ul, 1,
-                  K, HAS_BIAS, BLOCK_N, BLOCK_C)
+                  stride_wk, K, HAS_BIAS, BLOCK_N, BLOCK_C)
     tl.store(Y + pid_b * stride_yb + rows[:, None] * stride_yl + offs_c[None, :],
              y.to(Y.dtype.element_ty), mask=row_ok[:, None] & mask_c[None, :])
 
@@ -51,6 +52,7 @@ def _short_conv_fwd_kernel(U, W, BIAS, Y, L, C,
 @triton.jit
 def _short_conv_bwd_kernel(U, W, DY, DU, DW_PART, DB_PART, L, C,
                            stride_ub, stride_ul, stride_dyb, stride_dyl, stride_dub, stride_dul,
+                           stride_wk,
                            K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -66,13 +68,13 @@ def _short_conv_bwd_kernel(U, W, DY, DU, DW_PART, DB_PART, L, C,
     # du[s] = sum_m w[K-1-m] * dy[s+m]: output row s + m used u[s] through tap K-1-m.
     dy0 = tl.load(dy_b + rows[:, None] * stride_dyl + offs_c[None, :], mask=mask,
                   other=0.0).to(tl.float32)
-    w_last = tl.load(W + offs_c * K + (K - 1), mask=mask_c, other=0.0).to(tl.float32)
+    w_last = tl.load(W + (K - 1) * stride_wk + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     du = w_last[None, :] * dy0
     for m in tl.static_range(1, K):
         r = rows + m
         dy = tl.load(dy_b + r[:, None] * stride_dyl + offs_c[None, :],
                      mask=(r < L)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        w = tl.load(W + offs_c * K + (K - 1 - m), mask=mask_c, other=0.0).to(tl.float32)
+        w = tl.load(W + (K - 1 - m) * stride_wk + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         du += w[None, :] * dy
     tl.store(DU + pid_b * stride_dub + rows[:, None] * stride_dul + offs_c[None, :],
              du.to(DU.dtype.element_ty), mask=mask)
@@ -105,8 +107,8 @@ def short_conv_fwd(u: torch.Tensor, weight: torch.Tensor,
     grid = (triton.cdiv(length, bn), triton.cdiv(channels, bc), batch)
     with on_device(u):
         _short_conv_fwd_kernel[grid](
-            u, weight, weight if bias is None else bias.contiguous(), y, length, channels,
-            u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+            u, taps_major(weight), weight if bias is None else bias.contiguous(), y, length, channels,
+            u.stride(0), u.stride(1), y.stride(0), y.stride(1), channels,
             K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     return y
 
@@ -127,9 +129,9 @@ def short_conv_bwd(dy: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
     db_part = torch.empty((batch * n_tiles, channels), device=u.device, dtype=torch.float32)
     with on_device(u):
         _short_conv_bwd_kernel[(n_tiles, triton.cdiv(channels, bc), batch)](
-            u, weight, dy, du, dw_part, db_part, length, channels,
+            u, taps_major(weight), dy, du, dw_part, db_part, length, channels,
             u.stride(0), u.stride(1), dy.stride(0), dy.stride(1), du.stride(0), du.stride(1),
-            K=taps, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
+            channels, K=taps, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
     return du, dw, db_part.sum(0).to(db_dtype)
 

@@ -29,20 +29,25 @@ import triton.language as tl
 from .._dispatch import interpreting, on_device, use_triton
 from . import naive
 from .common import (cast_grads, check_activation, check_bias, check_filter, conv_tile,
-                     fit_tiles)
+                     fit_tiles, taps_major)
 
 # (BLOCK_N, BLOCK_C, num_warps), sized from ptxas (sm_90a) register reports: no spills for
 # bf16/fp16/fp32, K = 3 and 4, with and without 16-divisible extents. The backward holds the
-# 3*K conv weights of its channels, three du accumulators and one shift's q, k, v, dy, so it
-# uses narrower tiles (4 elements per thread). Chained tiles are tall: features are contiguous.
-_FWD_TILES, _BWD_TILES = (32, 64, 8), (32, 32, 8)
+# 3*K conv weights of its channels, three du accumulators and one shift's q, k, v, dy; its tiles
+# are per element size (2: bf16/fp16, 4: fp32) so that a thread holds 16 contiguous bytes of
+# every tile it loads (128-bit loads of u and dy): bf16 (32, 64) at 8 warps takes ~230
+# registers (the (32, 32) tile took 128 with 64-bit loads), fp32 (16, 32) at 4 warps 128. Most of
+# it is the 3*K conv weights, loop-invariant over the shifts and so held for the whole loop:
+# 8 channels a thread at K = 4 are 96 fp32 registers.
+# Filters are read taps-major (common.taps_major): one vector load per tap.
+_FWD_TILES, _BWD_TILES = (32, 64, 8), {2: (32, 64, 8), 4: (16, 32, 4)}
 _FWD_TILES_CHAINED, _BWD_TILES_CHAINED = (128, 16, 8), (64, 16, 8)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
 def _hyena_x_fwd_kernel(U, W, BIAS, Y, N, C,
-                        stride_ub, stride_un, stride_uc, group_off, stride_wg, stride_bg,
+                        stride_ub, stride_un, stride_uc, group_off, stride_wg, stride_bg, stride_wk,
                         stride_yb, stride_yn, stride_yc,
                         K: tl.constexpr, CHAINED: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -55,11 +60,11 @@ def _hyena_x_fwd_kernel(U, W, BIAS, Y, N, C,
     mask_c = offs_c < C
     u_b = U + pid_b * stride_ub
     q = conv_tile(u_b, W, BIAS, rows, offs_c, row_ok, mask_c, 0,
-                  stride_un, stride_uc, K, HAS_BIAS, BLOCK_N, BLOCK_C)
+                  stride_un, stride_uc, stride_wk, K, HAS_BIAS, BLOCK_N, BLOCK_C)
     k = conv_tile(u_b + group_off, W + stride_wg, BIAS + stride_bg, rows, offs_c, row_ok, mask_c,
-                  -N * CHAINED, stride_un, stride_uc, K, HAS_BIAS, BLOCK_N, BLOCK_C)
+                  -N * CHAINED, stride_un, stride_uc, stride_wk, K, HAS_BIAS, BLOCK_N, BLOCK_C)
     v = conv_tile(u_b + 2 * group_off, W + 2 * stride_wg, BIAS + 2 * stride_bg, rows, offs_c,
-                  row_ok, mask_c, -2 * N * CHAINED, stride_un, stride_uc, K, HAS_BIAS,
+                  row_ok, mask_c, -2 * N * CHAINED, stride_un, stride_uc, stride_wk, K, HAS_BIAS,
                   BLOCK_N, BLOCK_C)
     y = q * (k * v)
     tl.store(Y + pid_b * stride_yb + rows[:, None] * stride_yn + offs_c[None, :] * stride_yc,
@@ -68,7 +73,7 @@ def _hyena_x_fwd_kernel(U, W, BIAS, Y, N, C,
 
 @triton.jit
 def _dconv_at(u_b, W, BIAS, dy_b, rows, m, offs_c, row_ok, mask_c, N, lo_k, lo_v, group_off,
-              stride_wg, stride_bg, stride_un, stride_uc, stride_dyn, stride_dyc,
+              stride_wg, stride_bg, stride_wk, stride_un, stride_uc, stride_dyn, stride_dyc,
               K: tl.constexpr, CHAINED: tl.constexpr, HAS_BIAS: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """Conv-output gradients (dc_q, dc_k, dc_v) at rows + m, recomputing q, k, v there, and the
@@ -82,11 +87,11 @@ def _dconv_at(u_b, W, BIAS, dy_b, rows, m, offs_c, row_ok, mask_c, N, lo_k, lo_v
         wrap = r < 0                  # never: unchained rows past N are masked to zero instead
         ok = r < N
     cq = conv_tile(u_b, W, BIAS, r, offs_c, ok, mask_c, 0,
-                   stride_un, stride_uc, K, HAS_BIAS, BLOCK_N, BLOCK_C)
+                   stride_un, stride_uc, stride_wk, K, HAS_BIAS, BLOCK_N, BLOCK_C)
     ck = conv_tile(u_b + group_off, W + stride_wg, BIAS + stride_bg, r, offs_c, ok, mask_c,
-                   lo_k, stride_un, stride_uc, K, HAS_BIAS, BLOCK_N, BLOCK_C)
+                   lo_k, stride_un, stride_uc, stride_wk, K, HAS_BIAS, BLOCK_N, BLOCK_C)
     cv = conv_tile(u_b + 2 * group_off, W + 2 * stride_wg, BIAS + 2 * stride_bg, r, offs_c,
-                   ok, mask_c, lo_v, stride_un, stride_uc, K, HAS_BIAS, BLOCK_N, BLOCK_C)
+                   ok, mask_c, lo_v, stride_un, stride_uc, stride_wk, K, HAS_BIAS, BLOCK_N, BLOCK_C)
     dy = tl.load(dy_b + r[:, None] * stride_dyn + offs_c[None, :] * stride_dyc,
                  mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
     return dy * (ck * cv), dy * (cq * cv), dy * (cq * ck), wrap
@@ -94,7 +99,7 @@ def _dconv_at(u_b, W, BIAS, dy_b, rows, m, offs_c, row_ok, mask_c, N, lo_k, lo_v
 
 @triton.jit
 def _hyena_x_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, N, C,
-                        stride_ub, stride_un, stride_uc, group_off, stride_wg, stride_bg,
+                        stride_ub, stride_un, stride_uc, group_off, stride_wg, stride_bg, stride_wk,
                         stride_dyb, stride_dyn, stride_dyc,
                         K: tl.constexpr, CHAINED: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -113,10 +118,10 @@ def _hyena_x_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, N, C,
     # Shift m = 0 (the tile's own rows): du through the last tap, and this tile's share of
     # dw_g[c, j] = sum_t dc_g[t] * u_g[t - (K-1) + j] and db_g[c] = sum_t dc_g[t].
     dq, dk, dv, wrap = _dconv_at(u_b, W, BIAS, dy_b, rows, 0, offs_c, row_ok, mask_c, N,
-                                 lo_k, lo_v, group_off, stride_wg, stride_bg, stride_un,
+                                 lo_k, lo_v, group_off, stride_wg, stride_bg, stride_wk, stride_un,
                                  stride_uc, stride_dyn, stride_dyc, K, CHAINED, HAS_BIAS,
                                  BLOCK_N, BLOCK_C)
-    w_ptrs = W + offs_c * K + (K - 1)
+    w_ptrs = W + (K - 1) * stride_wk + offs_c
     du_q = tl.load(w_ptrs, mask=mask_c, other=0.0).to(tl.float32)[None, :] * dq
     du_k = tl.load(w_ptrs + stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :] * dk
     du_v = tl.load(w_ptrs + 2 * stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :] * dv
@@ -142,10 +147,10 @@ def _hyena_x_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, N, C,
     # unrolled, the compiler would hoist all 3*K*K shifted loads at once and spill.
     for m in tl.range(1, K, loop_unroll_factor=1):
         dq, dk, dv, wrap = _dconv_at(u_b, W, BIAS, dy_b, rows, m, offs_c, row_ok, mask_c, N,
-                                     lo_k, lo_v, group_off, stride_wg, stride_bg, stride_un,
+                                     lo_k, lo_v, group_off, stride_wg, stride_bg, stride_wk, stride_un,
                                      stride_uc, stride_dyn, stride_dyc, K, CHAINED, HAS_BIAS,
                                      BLOCK_N, BLOCK_C)
-        w_ptrs = W + offs_c * K + (K - 1 - m)
+        w_ptrs = W + (K - 1 - m) * stride_wk + offs_c
         wq = tl.load(w_ptrs, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         wk = tl.load(w_ptrs + stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         wv = tl.load(w_ptrs + 2 * stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -183,11 +188,12 @@ def _fwd(u, weight, bias, chained):
     n, c, s_n, s_c, goff = _layout(u, chained)
     bn, bc, warps = fit_tiles(_FWD_TILES_CHAINED if chained else _FWD_TILES, n, c,
                               weight.shape[1], rows_contiguous=chained, interpreted=interpreting())
-    w_g, b_g = (0, 0) if chained else (c * weight.shape[1], c)
+    # filters read taps-major (K, channels): group g's filters start at column g*c
+    w_g, b_g = (0, 0) if chained else (c, c)
     with on_device(u):
         _hyena_x_fwd_kernel[(triton.cdiv(n, bn), triton.cdiv(c, bc), batch)](
-            u, weight, weight if bias is None else bias.contiguous(), y, n, c,
-            u.stride(0), s_n, s_c, goff, w_g, b_g,
+            u, taps_major(weight), weight if bias is None else bias.contiguous(), y, n, c,
+            u.stride(0), s_n, s_c, goff, w_g, b_g, weight.shape[0],
             y.stride(0), *((1, y.stride(1)) if chained else (y.stride(1), 1)),
             K=weight.shape[1], CHAINED=int(chained), HAS_BIAS=bias is not None,
             BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
@@ -204,16 +210,17 @@ def _bwd(dy, u, weight, bias, chained):
         return (du.zero_(), torch.zeros_like(weight),
                 weight.new_zeros(weight.shape[0], dtype=db_dtype))
     n, c, s_n, s_c, goff = _layout(u, chained)
-    bn, bc, warps = fit_tiles(_BWD_TILES_CHAINED if chained else _BWD_TILES, n, c, taps,
+    bn, bc, warps = fit_tiles(_BWD_TILES_CHAINED if chained else _BWD_TILES[min(u.element_size(), 4)],
+                              n, c, taps,
                               rows_contiguous=chained, interpreted=interpreting())
     n_tiles = triton.cdiv(n, bn)
     dw_part = torch.empty((batch * n_tiles, 3, taps, c), device=u.device, dtype=torch.float32)
     db_part = torch.empty((batch * n_tiles, 3, c), device=u.device, dtype=torch.float32)
-    w_g, b_g = (0, 0) if chained else (c * taps, c)
+    w_g, b_g = (0, 0) if chained else (c, c)          # taps-major filters, as in _fwd
     with on_device(u):
         _hyena_x_bwd_kernel[(n_tiles, triton.cdiv(c, bc), batch)](
-            u, weight, weight if bias is None else bias.contiguous(), dy, du, dw_part, db_part, n, c,
-            u.stride(0), s_n, s_c, goff, w_g, b_g,
+            u, taps_major(weight), weight if bias is None else bias.contiguous(), dy, du, dw_part,
+            db_part, n, c, u.stride(0), s_n, s_c, goff, w_g, b_g, weight.shape[0],
             dy.stride(0), *((1, dy.stride(1)) if chained else (dy.stride(1), 1)),
             K=taps, CHAINED=int(chained), HAS_BIAS=bias is not None,
             BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._dispatch import interpreting, on_device, use_triton
 from . import naive
-from .common import cast_grads, check_activation, check_bias, check_filter, fit_tiles
+from .common import cast_grads, check_activation, check_bias, check_filter, fit_tiles, taps_major
 from .featurize import short_conv
 
 # (BLOCK_N, BLOCK_C, num_warps) on sm_90: about 105 registers, no spills (see common.fit_tiles).
@@ -32,7 +32,7 @@ _FWD_TILES, _BWD_TILES = (32, 128, 8), (32, 64, 8)
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _hyena_y_fwd_kernel(U, W, BIAS, Y, L, D, stride_ub, stride_ul, stride_yb, stride_yl,
+def _hyena_y_fwd_kernel(U, W, BIAS, Y, L, D, stride_ub, stride_ul, stride_yb, stride_yl, stride_wk,
                         K: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -51,7 +51,7 @@ def _hyena_y_fwd_kernel(U, W, BIAS, Y, L, D, stride_ub, stride_ul, stride_yb, st
         msk = (row_ok & (src >= 0))[:, None] & mask_c[None, :]
         k = tl.load(ptrs + D, mask=msk, other=0.0).to(tl.float32)
         v = tl.load(ptrs + 2 * D, mask=msk, other=0.0).to(tl.float32)
-        w = tl.load(W + offs_c * K + j, mask=mask_c, other=0.0).to(tl.float32)
+        w = tl.load(W + j * stride_wk + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         g += tl.where(msk, w[None, :] * (k * v), 0.0)     # rows before the start add no term
     if HAS_BIAS:
         g += tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -63,7 +63,7 @@ def _hyena_y_fwd_kernel(U, W, BIAS, Y, L, D, stride_ub, stride_ul, stride_yb, st
 
 @triton.jit
 def _hyena_y_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, L, D,
-                        stride_ub, stride_ul, stride_dyb, stride_dyl,
+                        stride_ub, stride_ul, stride_dyb, stride_dyl, stride_wk,
                         K: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -92,7 +92,7 @@ def _hyena_y_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, L, D,
         msk = (row_ok & (src >= 0))[:, None] & mask_c[None, :]
         z = (tl.load(ptrs + D, mask=msk, other=0.0).to(tl.float32)
              * tl.load(ptrs + 2 * D, mask=msk, other=0.0).to(tl.float32))
-        w = tl.load(W + offs_c * K + j, mask=mask_c, other=0.0).to(tl.float32)
+        w = tl.load(W + j * stride_wk + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         g += tl.where(msk, w[None, :] * z, 0.0)
         tl.store(DW_PART + (part * K + j) * D + offs_c, tl.sum(dg0 * z, axis=0), mask=mask_c)
     if HAS_BIAS:
@@ -100,7 +100,7 @@ def _hyena_y_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, L, D,
     tl.store(DB_PART + part * D + offs_c, tl.sum(dg0, axis=0), mask=mask_c)
 
     # dz[p] = sum_m w[K-1-m] * dg[p+m]: z[p] reaches output row p + m through tap K-1-m.
-    w_last = tl.load(W + offs_c * K + (K - 1), mask=mask_c, other=0.0).to(tl.float32)
+    w_last = tl.load(W + (K - 1) * stride_wk + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     dz = w_last[None, :] * dg0
     for m in tl.static_range(1, K):
         r = rows + m
@@ -109,7 +109,7 @@ def _hyena_y_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, L, D,
                       other=0.0).to(tl.float32)
               * tl.load(u_b + r[:, None] * stride_ul + offs_c[None, :], mask=msk,
                         other=0.0).to(tl.float32))
-        w = tl.load(W + offs_c * K + (K - 1 - m), mask=mask_c, other=0.0).to(tl.float32)
+        w = tl.load(W + (K - 1 - m) * stride_wk + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         dz += w[None, :] * dg
 
     ptrs = u_b + rows[:, None] * stride_ul + offs_c[None, :]
@@ -133,8 +133,8 @@ def hyena_y_fwd(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     bn, bc, warps = fit_tiles(_FWD_TILES, length, d, weight.shape[1], interpreted=interpreting())
     with on_device(u):
         _hyena_y_fwd_kernel[(triton.cdiv(length, bn), triton.cdiv(d, bc), batch)](
-            u, weight, weight if bias is None else bias.contiguous(), y, length, d,
-            u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+            u, taps_major(weight), weight if bias is None else bias.contiguous(), y, length, d,
+            u.stride(0), u.stride(1), y.stride(0), y.stride(1), d,
             K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     return y
 
@@ -155,8 +155,8 @@ def hyena_y_bwd(dy: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
     db_part = torch.empty((batch * n_tiles, d), device=u.device, dtype=torch.float32)
     with on_device(u):
         _hyena_y_bwd_kernel[(n_tiles, triton.cdiv(d, bc), batch)](
-            u, weight, weight if bias is None else bias.contiguous(), dy, du, dw_part, db_part,
-            length, d, u.stride(0), u.stride(1), dy.stride(0), dy.stride(1),
+            u, taps_major(weight), weight if bias is None else bias.contiguous(), dy, du, dw_part,
+            db_part, length, d, u.stride(0), u.stride(1), dy.stride(0), dy.stride(1), d,
             K=taps, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     dw = dw_part.sum(0).t().to(weight.dtype).contiguous()
     return du, dw, db_part.sum(0).to(db_dtype)

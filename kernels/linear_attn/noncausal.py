@@ -278,32 +278,87 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 def _config(q: torch.Tensor, dv: int) -> tuple[dict, torch.dtype]:
-    """Kernel meta-parameters for inputs like q, and the dtype of the tiles fed to tl.dot.
+    """Kernel meta-parameters for inputs like q that no autotuning changes, and the dtype of
+    the tiles fed to tl.dot.
 
-    Tiles are powers of two >= 16 (tl.dot); the Dk axis is whole, Dv is tiled by <= 64.
-    Operands: q's dtype (bf16/fp16 tensor cores; 3xTF32 for fp32, accurate to fp32 rounding),
-    except bf16 under the interpreter, which gets fp32 tiles (see ``_dot``).
+    The Dk axis is whole (a power of two >= 16: tl.dot); BLOCK_L, BLOCK_V, warps and stages are
+    autotuned (``_tuned``). Operands: q's dtype (bf16/fp16 tensor cores; 3xTF32 for fp32,
+    accurate to fp32 rounding), except bf16 under the interpreter, which gets fp32 tiles (see
+    ``_dot``).
     """
     dk = q.shape[-1]
-    block_k = max(16, triton.next_power_of_2(dk))
-    block_v = max(16, min(triton.next_power_of_2(dv), 64))
-    wide = block_k >= 256 or (block_k >= 128 and q.dtype == torch.float32)
     operand = torch.float32 if (q.dtype == torch.bfloat16 and interpreting()) else q.dtype
-    meta = dict(DK=dk, DV=dv, BLOCK_L=32 if wide else 64, BLOCK_K=block_k, BLOCK_V=block_v,
-                OPERAND=_TL_DTYPES[operand], PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
-                num_warps=4 if block_k <= 64 else 8)
+    meta = dict(DK=dk, DV=dv, BLOCK_K=max(16, triton.next_power_of_2(dk)),
+                OPERAND=_TL_DTYPES[operand], PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
     return meta, operand
 
 
-def _chunking(L: int, programs: int, block_l: int, device: torch.device) -> tuple[int, int]:
+# Autotuned launch configurations (BLOCK_L, BLOCK_V, warps, stages[, largest BLOCK_K]), per
+# kernel and per element size (2: bf16/fp16, 4: fp32, whose 3xTF32 dots split every operand in
+# two and take about twice the registers); BLOCK_V is capped at DV's power of two. ``_fits`` keeps
+# the dtype's configs allowed at this BLOCK_K whose (BLOCK_L, BLOCK_K) and (BLOCK_K, BLOCK_V)
+# tiles stay within 128 bytes per thread. Every config kept compiles without spills for sm_90 at
+# head dims 64 and 72, bf16 and fp32 (benchmarks/kernel_static.py; tests/kernels/test_static.py
+# checks bf16): the lists are that report's survivors (fp32 ``_bwd_kv_kernel`` at BLOCK_K 128
+# spilled 100 bytes to 1.7 KB in every 32-row config; its (16, 32) tile at 8 warps loaded v
+# 64 bits wide). Under the interpreter there is one small config: CPU runs never benchmark.
+# The state pass's CHUNK is a multiple of ``_CHUNK_UNIT``, so of every BLOCK_L.
+_CHUNK_UNIT = 64
+_CONFIGS = {
+    "state": {2: [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 32, 4, 3)],
+              4: [(32, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 3), (64, 64, 8, 3)]},
+    "fwd_out": {2: [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3)],
+                4: [(32, 64, 8, 3), (64, 32, 8, 3), (64, 64, 8, 3), (16, 64, 4, 3)]},
+    "bwd_q": {2: [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 32, 4, 3)],
+              4: [(32, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 3), (16, 64, 4, 3)]},
+    "bwd_kv": {2: [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 3)],
+               4: [(32, 64, 8, 2, 64), (16, 64, 4, 2, 64), (16, 32, 4, 2)]},
+}
+
+
+def _fits(configs, named_args, **kwargs):
+    elem = next(t for t in named_args.values() if isinstance(t, torch.Tensor)).element_size()
+    bk = kwargs["BLOCK_K"]
+    mine = [c for c in configs if c.elem == min(elem, 4) and bk <= c.max_bk] or configs
+    keep = [c for c in mine
+            if max(c.kwargs["BLOCK_L"], c.kwargs["BLOCK_V"]) * bk * elem <= 128 * 32 * c.num_warps]
+    return keep or [min(mine, key=lambda c: (c.kwargs["BLOCK_L"] * c.kwargs["BLOCK_V"], -c.num_warps))]
+
+
+def _tuned(kernel, configs: dict, key: list[str]):
+    """``kernel`` autotuned over ``configs`` ({element size: [(BLOCK_L, BLOCK_V, warps,
+    stages[, largest BLOCK_K])]}), keyed on ``key`` and the dtypes; BLOCK_V is capped at DV's
+    power of two."""
+    if interpreting():
+        cfgs = [triton.Config({"BLOCK_L": 64, "BLOCK_V": 64}, num_warps=4, num_stages=1)]
+    else:
+        cfgs = []
+        for elem, rows in configs.items():
+            for bl, bv, warps, stages, *max_bk in rows:
+                c = triton.Config({"BLOCK_L": bl, "BLOCK_V": bv}, num_warps=warps, num_stages=stages)
+                c.elem, c.max_bk = elem, (max_bk or [MAX_HEAD_DIM])[0]
+                cfgs.append(c)
+    heur = triton.heuristics({
+        "BLOCK_V": lambda a: max(16, min(a["BLOCK_V"], triton.next_power_of_2(a["DV"]))),
+    })(kernel)
+    return triton.autotune(cfgs, key=key, prune_configs_by={"early_config_prune": _fits})(heur)
+
+
+_state_tuned = _tuned(_state_kernel, _CONFIGS["state"], ["DK", "DV", "CHUNK", "HAS_ROWS"])
+_fwd_out_tuned = _tuned(_fwd_out_kernel, _CONFIGS["fwd_out"], ["DK", "DV", "L"])
+_bwd_q_tuned = _tuned(_bwd_q_kernel, _CONFIGS["bwd_q"], ["DK", "DV", "L"])
+_bwd_kv_tuned = _tuned(_bwd_kv_kernel, _CONFIGS["bwd_kv"], ["DK", "DV", "L"])
+
+
+def _chunking(L: int, programs: int, device: torch.device) -> tuple[int, int]:
     """Split L into chunks so the state pass fills about 2 waves of the GPU.
 
-    A chunk is a power-of-two number of blocks: it is a compile-time constant of the kernel
-    (a static loop pipelines well), so only a few variants are ever compiled.
+    A chunk is a power-of-two number of ``_CHUNK_UNIT`` blocks: it is a compile-time constant
+    of the kernel (a static loop pipelines well), so only a few variants are ever compiled.
     """
-    blocks = triton.cdiv(L, block_l)
+    blocks = triton.cdiv(L, _CHUNK_UNIT)
     want = max(1, min(blocks, triton.cdiv(2 * num_sms(device), programs)))
-    chunk = triton.next_power_of_2(triton.cdiv(blocks, want)) * block_l
+    chunk = triton.next_power_of_2(triton.cdiv(blocks, want)) * _CHUNK_UNIT
     return chunk, triton.cdiv(L, chunk)
 
 
@@ -312,13 +367,12 @@ def _state(x, y, rows, feature_id, meta, operand, a):
     (batch, head); rows = (r, w), fp32 (B*H, L), or None for r = w = 1."""
     B, H, L, dk = x.shape
     dv = y.shape[-1]
-    nv = triton.cdiv(dv, meta["BLOCK_V"])
-    chunk, nc = _chunking(L, B * H * nv, meta["BLOCK_L"], x.device)
+    chunk, nc = _chunking(L, B * H * triton.cdiv(dv, 64), x.device)
     s_part = torch.empty(B * H, nc, dk, dv, device=x.device, dtype=torch.float32)
     z_part = torch.empty(B * H, nc, dk, device=x.device, dtype=torch.float32)
     r, w = rows if rows is not None else (z_part, z_part)   # not read when HAS_ROWS is False
     with on_device(x):
-        _state_kernel[(B * H, nc, nv)](
+        _state_tuned[lambda m: (B * H, nc, triton.cdiv(dv, m["BLOCK_V"]))](
             x, y, r, w, s_part, z_part, *strides(x, a), *strides(y, a),
             H, L, nc, CHUNK=chunk, ALIGN=a, HAS_ROWS=rows is not None, FEATURE=feature_id, **meta)
     if nc == 1:
@@ -339,8 +393,8 @@ def linear_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     a = align(q, k, v, o)
     with on_device(q):
         s, z = _state(k, v, None, fid, meta, operand, a)
-        grid = (B * H, triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(dv, meta["BLOCK_V"]))
-        _fwd_out_kernel[grid](
+        grid = lambda m: (B * H, triton.cdiv(L, m["BLOCK_L"]), triton.cdiv(dv, m["BLOCK_V"]))  # noqa: E731
+        _fwd_out_tuned[grid](
             q, s, z, o, *strides(q, a), *strides(o, a),
             H, L, float(eps), FEATURE=fid, ALIGN=a, **meta,
         )
@@ -361,16 +415,16 @@ def linear_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dv_ = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     rden = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
     g = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
-    grid = (B * H, triton.cdiv(L, meta["BLOCK_L"]))
+    grid = lambda m: (B * H, triton.cdiv(L, m["BLOCK_L"]))  # noqa: E731
     a = align(do, q, k, v, dq, dk_, dv_)
     with on_device(q):
         s, z = _state(k, v, None, fid, meta, operand, a)
-        _bwd_q_kernel[grid](
+        _bwd_q_tuned[grid](
             q, do, s, z, dq, rden, g, *strides(q, a), *strides(do, a), *strides(dq, a),
             H, L, float(eps), FEATURE=fid, ALIGN=a, **meta,
         )
         ds, dz = _state(q, do, (rden, g), fid, meta, operand, a)
-        _bwd_kv_kernel[grid](
+        _bwd_kv_tuned[grid](
             k, v, ds, dz, dk_, dv_, *strides(k, a), *strides(v, a), *strides(dk_, a), *strides(dv_, a),
             H, L, FEATURE=fid, ALIGN=a, **meta,
         )

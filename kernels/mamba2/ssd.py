@@ -30,13 +30,15 @@ backward (recomputes the chunk states with kernel 1; nothing but the inputs is s
 
 The backward is Triton throughout (no autograd recomputation through the reference).
 All accumulation is fp32; x, B, C, y and the gradients are loaded/stored in their own dtypes.
-Matrix products run on tensor cores in the input dtype (fp32 inputs: IEEE fp32 products).
+Matrix products run on tensor cores in the input dtype (fp32 inputs: 3xTF32, accurate to fp32
+rounding; IEEE FMA products took so many registers that kernels 2 and 4 spilled).
 Under TRITON_INTERPRET=1 bf16 operands are upcast to fp32 before ``tl.dot``: the interpreter
 (Triton 3.6) multiplies bf16 bit patterns as integers.
 
 Sized for the paper's config (d_state 64, headdim 16, chunk 64): compiled for sm_90, no kernel
-spills registers there. Kernel 4 holds whole d_state x headdim tiles and spills a little
-(~100 bytes/thread) from d_state 128 or headdim 64 up.
+spills registers there, bf16 or fp32 (fp32 runs kernel 4 as three launches: dx, ddt, dB/dC).
+Kernel 4 holds whole d_state x headdim tiles and spills a little (~100 bytes/thread) from
+d_state 128 or headdim 64 up.
 """
 from __future__ import annotations
 
@@ -186,7 +188,11 @@ def _ssd_chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, sta
                           L, H, G, N, P, NC, sxb, sxl, sxh, syb, syl, syh,
                           sbb, sbl, sbg, scb, scl, scg,
                           BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-                          DOT: tl.constexpr, PREC: tl.constexpr):
+                          DOT: tl.constexpr, PREC: tl.constexpr,
+                          DO_DX: tl.constexpr, DO_DDT: tl.constexpr, DO_DBC: tl.constexpr):
+    # DO_DX: dx; DO_DDT: ddt and the dA/dD partials; DO_DBC: dB and dC. One launch does all
+    # three (bf16/fp16), or one launch each (fp32: its 3xTF32 operands take twice the registers,
+    # and one program holding every tile spilled), each recomputing the products it needs.
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // (H // G)
@@ -226,54 +232,62 @@ def _ssd_chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, sta
     h_in = tl.load(states_ptr + s_offs, mask=m_np, other=0.0)
     dh_out = tl.load(dstates_ptr + s_offs, mask=m_np, other=0.0)
 
-    # d acs_Q through the entering state's decay exp(acs_Q) h_in (taken now: frees h_in, dh_out)
-    dlast = tl.exp(a_last) * tl.sum(tl.sum(dh_out * h_in, axis=1), axis=0)
     b_d, c_d, x_d, dy_d = b.to(DOT), c.to(DOT), x.to(DOT), dy.to(DOT)
     h_in_d, dh_out_d = h_in.to(DOT), dh_out.to(DOT)
 
     # Intra-chunk: y_t = sum_{s<=t} cb_ts decay_ts dt_s x_s. Each (BT, BT) tile is used and
     # dropped in turn to keep register pressure down.
-    cb = tl.dot(c_d, tl.trans(b_d), input_precision=PREC)                 # (BT_t, BT_s)
-    dyx = tl.dot(dy_d, tl.trans(x_d), input_precision=PREC)              # dy_t . x_s
     causal = o_t[:, None] >= o_t[None, :]
-    decay = tl.where(causal, tl.exp(tl.where(causal, acs[:, None] - acs[None, :], 0.0)), 0.0)
-    e = cb * decay * dyx                        # dL/d(dt_s) summands of the intra-chunk term
-    ddt = tl.sum(e, axis=0)
-    # d acs from the intra-chunk term: +row sums, -column sums of e * dt_s
-    dacs = tl.sum(e * dt[None, :], axis=1) - ddt * dt
-    m = cb * decay * dt[None, :]                                         # y_intra = m @ x
-    dx = tl.dot(tl.trans(m.to(DOT)), dy_d, input_precision=PREC)
-    dg = dyx * decay * dt[None, :]                                       # dL/d(C B^T)
-    dc = tl.dot(dg.to(DOT), b_d, input_precision=PREC)
-    db = tl.dot(tl.trans(dg.to(DOT)), c_d, input_precision=PREC)
-
-    # dx: + D skip + through the chunk's state contribution B^T (w * x)
-    dx += d_h * dy.to(tl.float32) + w[:, None] * tl.dot(b_d, dh_out_d, input_precision=PREC)
-    tl.store(dx_ptr + xy_offs, dx.to(dx_ptr.dtype.element_ty), mask=m_tp)
-
-    # dC (per head): + the entering state's read-out y_off = exp(acs_t) C_t h_in
-    dc += e_acs[:, None] * tl.dot(dy_d, tl.trans(h_in_d), input_precision=PREC)
-    # dB (per head): + the chunk state B^T (w * x)
-    xdh = tl.dot(x_d, tl.trans(dh_out_d), input_precision=PREC)          # (BT, BN)
-    db += w[:, None] * xdh
-    # summed over the group's heads here (fp32 atomics into the (batch, L, G, N) gradients):
-    # no per-head (batch, L, nheads, N) buffer, 144x B's size at the paper's config
-    tl.atomic_add(dC_ptr + bc_offs, dc, mask=m_tn, sem="relaxed")
-    tl.atomic_add(dB_ptr + bc_offs, db, mask=m_tn, sem="relaxed")
-
-    # ddt: its direct uses (the scale dt_s, and inside w), then through acs
-    dw = tl.sum(b.to(tl.float32) * xdh, axis=1)                          # dL/dw_s
-    y_off = e_acs[:, None] * tl.dot(c_d, h_in_d, input_precision=PREC)
-    dacs += tl.sum(y_off * dy.to(tl.float32), axis=1) - dw * w
-    dlast += tl.sum(dw * w, axis=0)
-    # da_s = sum_{t >= s} dacs_t (+ dlast: acs_Q is the sum of every a in the chunk)
-    da = tl.sum(dacs, axis=0) - tl.cumsum(dacs, axis=0) + dacs + dlast
-    ddt += to_end * dw + a_h * da
-    tl.store(ddt_ptr + dt_offs, ddt, mask=m_t)
-
-    part = i_bh.to(tl.int64) * NC + i_c
-    tl.store(dA_ptr + part, tl.sum(dt * da, axis=0))
-    tl.store(dD_ptr + part, tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1), axis=0))
+    if DO_DDT:
+        # The (BT, BP)/(BT,)-sized terms first: B and C then die with C B^T.
+        y_off = e_acs[:, None] * tl.dot(c_d, h_in_d, input_precision=PREC)  # state read-out
+        xdh = tl.dot(x_d, tl.trans(dh_out_d), input_precision=PREC)      # (BT, BN)
+        dw = tl.sum(b.to(tl.float32) * xdh, axis=1)                      # dL/dw_s
+        # d acs_Q through the entering state's decay exp(acs_Q) h_in, and through w
+        dlast = (tl.exp(a_last) * tl.sum(tl.sum(dh_out * h_in, axis=1), axis=0)
+                 + tl.sum(dw * w, axis=0))
+        # d acs from the read-out of the entering state and from w
+        dacs = tl.sum(y_off * dy.to(tl.float32), axis=1) - dw * w
+    if DO_DX:
+        bdh = tl.dot(b_d, dh_out_d, input_precision=PREC)                 # (BT, BP)
+    if DO_DX or DO_DDT:
+        # Intra-chunk: y_t = sum_{s<=t} cb_ts decay_ts dt_s x_s
+        decay = tl.where(causal, tl.exp(tl.where(causal, acs[:, None] - acs[None, :], 0.0)), 0.0)
+        cbd = tl.dot(c_d, tl.trans(b_d), input_precision=PREC) * decay    # (BT_t, BT_s)
+    if DO_DDT:
+        e = cbd * tl.dot(dy_d, tl.trans(x_d), input_precision=PREC)      # * dy_t . x_s
+        # e: dL/d(dt_s) summands of the intra-chunk term
+        ddt = tl.sum(e, axis=0)
+        # d acs from the intra-chunk term: +row sums, -column sums of e * dt_s
+        dacs += tl.sum(e * dt[None, :], axis=1) - ddt * dt
+        # ddt: its direct uses (the scale dt_s, and inside w), then through acs;
+        # da_s = sum_{t >= s} dacs_t (+ dlast: acs_Q is the sum of every a in the chunk)
+        da = tl.sum(dacs, axis=0) - tl.cumsum(dacs, axis=0) + dacs + dlast
+        ddt += to_end * dw + a_h * da
+        tl.store(ddt_ptr + dt_offs, ddt, mask=m_t)
+        part = i_bh.to(tl.int64) * NC + i_c
+        tl.store(dA_ptr + part, tl.sum(dt * da, axis=0))
+        tl.store(dD_ptr + part, tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1), axis=0))
+    if DO_DX:
+        m = cbd * dt[None, :]                                            # y_intra = m @ x
+        dx = tl.dot(tl.trans(m.to(DOT)), dy_d, input_precision=PREC)
+        # dx: + D skip + through the chunk's state contribution B^T (w * x)
+        dx += d_h * dy.to(tl.float32) + w[:, None] * bdh
+        tl.store(dx_ptr + xy_offs, dx.to(dx_ptr.dtype.element_ty), mask=m_tp)
+    if DO_DBC:
+        dyx = tl.dot(dy_d, tl.trans(x_d), input_precision=PREC)          # dy_t . x_s
+        decay = tl.where(causal, tl.exp(tl.where(causal, acs[:, None] - acs[None, :], 0.0)), 0.0)
+        dg = dyx * decay * dt[None, :]                                   # dL/d(C B^T)
+        # dC (per head): intra-chunk + the entering state's read-out y_off = exp(acs_t) C_t h_in
+        dc = tl.dot(dg.to(DOT), b_d, input_precision=PREC)
+        dc += e_acs[:, None] * tl.dot(dy_d, tl.trans(h_in_d), input_precision=PREC)
+        # summed over the group's heads here (fp32 atomics into the (batch, L, G, N) gradients):
+        # no per-head (batch, L, nheads, N) buffer, 144x B's size at the paper's config
+        tl.atomic_add(dC_ptr + bc_offs, dc, mask=m_tn, sem="relaxed")
+        # dB (per head): intra-chunk + the chunk state B^T (w * x)
+        db = tl.dot(tl.trans(dg.to(DOT)), c_d, input_precision=PREC)
+        db += w[:, None] * tl.dot(x_d, tl.trans(dh_out_d), input_precision=PREC)
+        tl.atomic_add(dB_ptr + bc_offs, db, mask=m_tn, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -282,9 +296,10 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 
 def _dot_config(dtype: torch.dtype) -> tuple:
-    """(operand dtype for tl.dot, input_precision) for inputs of ``dtype``."""
+    """(operand dtype for tl.dot, input_precision) for inputs of ``dtype``: fp32 as 3xTF32 on a
+    GPU (the interpreter's fp32 dot is exact fp32 either way)."""
     if dtype == torch.float32:
-        return tl.float32, "ieee"
+        return tl.float32, "ieee" if interpreting() else "tf32x3"
     if dtype == torch.bfloat16 and interpreting():
         return tl.float32, "ieee"
     return _TL[dtype], "tf32"
@@ -364,12 +379,16 @@ def ssd_bwd(dy, x, dt, A, B, C, D, chunk_size: int = 64):
     dA_part = torch.empty(batch, H, nc, device=x.device, dtype=torch.float32)
     dD_part = torch.empty_like(dA_part)
     BN, BP = _block(N, 256), _block(P, 256)
+    args = (x, dt, A, B, C, D, dy, states, dstates, dx, ddt, dB_g, dC_g, dA_part, dD_part,
+            L, H, G, N, P, nc, *_st(x), *_st(dy), *_st(B), *_st(C))
+    # fp32: three launches (dx, ddt, dB/dC), each holding part of the tiles
+    parts = ([(True, False, False), (False, True, False), (False, False, True)]
+             if x.dtype == torch.float32 else [(True, True, True)])
     with on_device(x):
-        _ssd_chunk_bwd_kernel[(nc, batch * H)](x, dt, A, B, C, D, dy, states, dstates,
-                                               dx, ddt, dB_g, dC_g, dA_part, dD_part,
-                                               L, H, G, N, P, nc, *_st(x), *_st(dy), *_st(B), *_st(C),
-                                               BT=chunk_size, BN=BN, BP=BP,
-                                               DOT=dot, PREC=prec, num_warps=8)
+        for do_dx, do_ddt, do_dbc in parts:
+            _ssd_chunk_bwd_kernel[(nc, batch * H)](*args, BT=chunk_size, BN=BN, BP=BP,
+                                                   DOT=dot, PREC=prec, DO_DX=do_dx, DO_DDT=do_ddt,
+                                                   DO_DBC=do_dbc, num_warps=8)
     dB, dC = dB_g.to(B.dtype), dC_g.to(C.dtype)
     dA = dA_part.sum((0, 2)).to(A.dtype)
     dD = dD_part.sum((0, 2)).to(D.dtype)

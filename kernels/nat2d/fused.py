@@ -28,7 +28,7 @@ import triton.language as tl
 from .._attention import LOG2E as _LOG2E
 from .._attention import align as _align, delta as _delta, dot as _dot, launch_cfg as _launch_cfg
 from .._attention import strides as _strides, unit_last as _unit_last
-from .._dispatch import on_device, use_triton
+from .._dispatch import interpreting, on_device, use_triton
 from .naive import naive_nat2d, naive_nat2d_bwd
 
 
@@ -324,54 +324,130 @@ def _sweep(height: int, width: int, ks: int, outer: int, inner: int,
     return min(n_rows, height), n_cols
 
 
-def _blocks(width: int, kernel_size: int, block_m: int | None, block_n: int | None):
-    """(outer, inner) block sizes. The outer block is what a program owns; blocks that divide
-    the grid width stay inside one image row and so sweep only their columns' neighbourhood.
-    On grids narrower than 16 every block spans whole rows anyway: take the largest."""
+def _default_outer(width: int) -> int:
+    """The owned block for a grid width: blocks that divide the width stay inside one image row
+    and so sweep only their columns' neighbourhood. On grids narrower than 16 every block spans
+    whole rows anyway: take the largest."""
     fallback = 64 if width < 16 else 32 if width >= 32 else 16
-    outer = next((b for b in (64, 32, 16) if width % b == 0), fallback)
-    inner = 16 if kernel_size <= 9 else 32
-    outer, inner = block_m or outer, block_n or inner
+    return next((b for b in (64, 32, 16) if width % b == 0), fallback)
+
+
+def _inner_block(kernel_size: int) -> int:
+    """The swept block: a k <= 9 window spans at most 16 columns of a chunk-aligned band."""
+    return 16 if kernel_size <= 9 else 32
+
+
+def _blocks(width: int, kernel_size: int, block_m: int | None, block_n: int | None):
+    """(outer, inner) block sizes given explicitly (either may be None: the default). The
+    outer block is what a program owns, the inner block what it sweeps."""
+    outer, inner = block_m or _default_outer(width), block_n or _inner_block(kernel_size)
     for name, val in (("block_m", outer), ("block_n", inner)):
         if val < 16 or val & (val - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {val}")
     return outer, inner
 
 
+# Autotuned launch configurations (owned block, warps, stages), one list per element size (fp32
+# tiles feed FMA dots, not tensor cores, and take far more registers); the swept block follows
+# the kernel size and the trip counts (N_ROWS, N_COLS) the block sizes and the grid. ``_fits``
+# keeps the dtype's configs whose owned block divides the grid width (a block inside one image
+# row sweeps only its columns' band; all of them when none divides) and whose owned tiles stay
+# within 128 bytes per thread. Every config kept compiles without spills for sm_90 at head dims
+# 64 and 72, bf16 and fp32 (benchmarks/kernel_static.py; tests/kernels/test_static.py checks
+# bf16): the lists are that report's survivors. Under the interpreter there is one config, with
+# ``_default_outer``'s owned block: CPU runs never benchmark.
+def _fits(configs, named_args, **kwargs):
+    elem, width, block_d = named_args["Q"].element_size(), named_args["GW"], kwargs["BLOCK_D"]
+    mine = [c for c in configs if c.elem == min(elem, 4)] or configs
+    rows = [c for c in mine if width % c.kwargs[c.owned] == 0] or mine
+    keep = [c for c in rows if c.kwargs[c.owned] * block_d * elem <= 128 * 32 * c.num_warps]
+    return keep or [min(rows, key=lambda c: (c.kwargs[c.owned], -c.num_warps))]
+
+
+def _tuned(kernel, outer: str, inner: str, inverse: bool, configs: dict):
+    """``kernel`` autotuned over ``configs`` ({element size: [(owned block ``outer``, warps,
+    stages)]}), keyed on the grid, the kernel size, the head dim and the dtypes; the swept block
+    ``inner`` and the trip counts are derived (``inverse``: key blocks sweeping the queries
+    whose windows hold them)."""
+    heurs = {}
+    if interpreting():
+        heurs[outer] = lambda a: _default_outer(a["GW"])
+        cfgs = [triton.Config({}, num_warps=4, num_stages=2)]
+    else:
+        cfgs = []
+        for elem, rows in configs.items():
+            for block, warps, stages in rows:
+                c = triton.Config({outer: block}, num_warps=warps, num_stages=stages)
+                c.owned, c.elem = outer, elem
+                cfgs.append(c)
+    heurs[inner] = lambda a: _inner_block(a["KS"])
+    heurs["N_ROWS"] = lambda a: _sweep(a["GH"], a["GW"], a["KS"], a[outer], a[inner], inverse)[0]
+    heurs["N_COLS"] = lambda a: _sweep(a["GH"], a["GW"], a["KS"], a[outer], a[inner], inverse)[1]
+    return triton.autotune(cfgs, key=["GH", "GW", "KS", "HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": _fits})(triton.heuristics(heurs)(kernel))
+
+
+# {element size: [(owned block, warps, stages)]}: 2 for bf16/fp16, 4 for fp32
+_FWD_CONFIGS = {2: [(64, 4, 2), (64, 8, 2), (32, 4, 2)], 4: [(64, 8, 2), (32, 4, 2), (16, 4, 2)]}
+_DKDV_CONFIGS = {2: [(64, 8, 2), (64, 4, 2), (32, 4, 2), (16, 4, 2)], 4: [(64, 8, 2), (32, 8, 2), (16, 4, 2)]}
+_DQ_CONFIGS = {2: [(64, 8, 2), (64, 4, 2), (32, 4, 2), (16, 4, 2)], 4: [(64, 4, 2), (32, 4, 2), (32, 8, 2)]}
+_nat2d_fwd_tuned = _tuned(_nat2d_fwd_kernel, "BLOCK_M", "BLOCK_N", False, _FWD_CONFIGS)
+_nat2d_bwd_dkdv_tuned = _tuned(_nat2d_bwd_dkdv_kernel, "BLOCK_N", "BLOCK_M", True, _DKDV_CONFIGS)
+_nat2d_bwd_dq_tuned = _tuned(_nat2d_bwd_dq_kernel, "BLOCK_M", "BLOCK_N", False, _DQ_CONFIGS)
+
+
+def _launch(tuned, kernel, owned: str, inverse: bool, grid, kernel_size: int, explicit, args,
+            meta, programs: int):
+    """Launch ``tuned`` (autotuned), or ``kernel`` with the explicit (owned, swept) blocks."""
+    L = grid[0] * grid[1]
+    if explicit is None:
+        tuned[lambda m: (triton.cdiv(L, m[owned]), programs)](*args, **meta)
+        return
+    outer, inner = explicit
+    rows, cols = _sweep(grid[0], grid[1], kernel_size, outer, inner, inverse)
+    swept = "BLOCK_N" if owned == "BLOCK_M" else "BLOCK_M"
+    kernel[(triton.cdiv(L, outer), programs)](
+        *args, **meta, **{owned: outer, swept: inner}, N_ROWS=rows, N_COLS=cols,
+        num_warps=8 if meta["BLOCK_D"] >= 128 else 4, num_stages=2)
+
+
 def nat2d_fwd(q, k, v, grid: tuple[int, int], kernel_size: int, scale: float | None = None,
               block_m: int | None = None, block_n: int | None = None):
-    """q, k, v: (B, heads, H*W, Dh) -> (o in q.dtype, lse (B, heads, L) fp32, natural log)."""
+    """q, k, v: (B, heads, H*W, Dh) -> (o in q.dtype, lse (B, heads, L) fp32, natural log).
+
+    Block sizes are autotuned unless ``block_m`` (queries a program owns) or ``block_n`` (keys
+    it sweeps per step) is given."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, NH, L, D = q.shape
     gh, gw = grid
     scale = D ** -0.5 if scale is None else float(scale)
-    bm, bn = _blocks(gw, kernel_size, block_m, block_n)
-    n_rows, n_cols = _sweep(gh, gw, kernel_size, bm, bn, False)
+    explicit = _blocks(gw, kernel_size, block_m, block_n) if block_m or block_n else None
     block_d, precision, upcast = _launch_cfg(q.dtype, D)
-    num_warps = 8 if block_d >= 128 else 4
     o = torch.empty((B, NH, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, NH, L), dtype=torch.float32, device=q.device)
     a = _align(q, k, v, o)
+    args = (q, k, v, o, lse, *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(o, a),
+            NH, gh, gw, kernel_size, scale * _LOG2E)
+    meta = dict(HEAD_DIM=D, ALIGN=a, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
     with on_device(q):
-        _nat2d_fwd_kernel[(triton.cdiv(L, bm), B * NH)](
-            q, k, v, o, lse, *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(o, a),
-            NH, gh, gw, kernel_size, scale * _LOG2E, HEAD_DIM=D, ALIGN=a,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, N_ROWS=n_rows, N_COLS=n_cols,
-            PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+        _launch(_nat2d_fwd_tuned, _nat2d_fwd_kernel, "BLOCK_M", False, grid, kernel_size,
+                explicit, args, meta, B * NH)
     return o, lse
 
 
 def nat2d_bwd(do, q, k, v, o, lse, grid: tuple[int, int], kernel_size: int,
               scale: float | None = None, dlse=None,
               block_m: int | None = None, block_n: int | None = None):
-    """Gradients (dq, dk, dv) in q.dtype of ``nat2d_fwd``'s outputs; ``dlse`` optional."""
+    """Gradients (dq, dk, dv) in q.dtype of ``nat2d_fwd``'s outputs; ``dlse`` optional.
+
+    Block sizes are autotuned unless given: ``block_m`` is the block a program owns (queries
+    for dq, keys for dk/dv), ``block_n`` the block it sweeps per step."""
     q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
     B, NH, L, D = q.shape
     gh, gw = grid
     scale = D ** -0.5 if scale is None else float(scale)
-    bm, bn = _blocks(gw, kernel_size, block_m, block_n)
+    explicit = _blocks(gw, kernel_size, block_m, block_n) if block_m or block_n else None
     block_d, precision, upcast = _launch_cfg(q.dtype, D)
-    num_warps = 8 if block_d >= 128 else 4
     lse = lse.float().contiguous()
     dq = torch.empty((B, NH, L, D), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
@@ -379,19 +455,14 @@ def nat2d_bwd(do, q, k, v, o, lse, grid: tuple[int, int], kernel_size: int,
     a = _align(q, k, v, do)
     common = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a),
               NH, gh, gw, kernel_size, scale, scale * _LOG2E)
-    meta = dict(HEAD_DIM=D, ALIGN=a, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
-                num_warps=num_warps, num_stages=2)
+    meta = dict(HEAD_DIM=D, ALIGN=a, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
     with on_device(q):
-        delta = _delta(o, do, dlse, bm)
-        # dk/dv: programs own key blocks of the outer size, sweeping query chunks of the inner.
-        rows, cols = _sweep(gh, gw, kernel_size, bm, bn, True)
-        _nat2d_bwd_dkdv_kernel[(triton.cdiv(L, bm), B * NH)](
-            q, k, v, do, lse, delta, dk, dv, *common,
-            BLOCK_M=bn, BLOCK_N=bm, N_ROWS=rows, N_COLS=cols, **meta)
-        rows, cols = _sweep(gh, gw, kernel_size, bm, bn, False)
-        _nat2d_bwd_dq_kernel[(triton.cdiv(L, bm), B * NH)](
-            q, k, v, do, lse, delta, dq, *common,
-            BLOCK_M=bm, BLOCK_N=bn, N_ROWS=rows, N_COLS=cols, **meta)
+        delta = _delta(o, do, dlse)
+        # dk/dv: programs own key blocks (BLOCK_N) and sweep query chunks (BLOCK_M).
+        _launch(_nat2d_bwd_dkdv_tuned, _nat2d_bwd_dkdv_kernel, "BLOCK_N", True, grid,
+                kernel_size, explicit, (q, k, v, do, lse, delta, dk, dv, *common), meta, B * NH)
+        _launch(_nat2d_bwd_dq_tuned, _nat2d_bwd_dq_kernel, "BLOCK_M", False, grid,
+                kernel_size, explicit, (q, k, v, do, lse, delta, dq, *common), meta, B * NH)
     return dq, dk, dv
 
 

@@ -243,21 +243,25 @@ def _n_iters(length: int, window: int, outer: int, inner: int) -> int:
 
 # Autotuned launch configurations: the owned (outer) block, warps and pipeline stages; the swept
 # (inner) block follows the window. ``_fits`` keeps the configs whose owned tiles stay within
-# 128 bytes per thread (64 owned rows at most in fp32): every config it keeps compiles without
-# spills for sm_90 at head dims 64 and 72, bf16 and fp32 (benchmarks/kernel_static.py, checked by
-# tests/kernels/test_static.py). Under the interpreter there is one small config: CPU runs never
-# benchmark.
+# 128 bytes per thread (64 owned rows at most in fp32), and in fp32 at most ``fp32_tile`` owned
+# x padded-head-dim elements per program (fp32 products run on FMA units, whose tiles take far
+# more registers: the forward's 64 x 128 tile at head dim 72 spilled 356 bytes at 8 warps): every
+# config it keeps compiles without spills for sm_90 at head dims 64 and 72, bf16 and fp32
+# (benchmarks/kernel_static.py, checked by tests/kernels/test_static.py). Under the interpreter
+# there is one small config: CPU runs never benchmark.
 def _fits(configs, named_args, **kwargs):
     elem = named_args["Q"].element_size()
     keep = [c for c in configs
             if c.kwargs[c.owned] * kwargs["BLOCK_D"] * elem <= 128 * 32 * c.num_warps
-            and (elem < 4 or c.kwargs[c.owned] <= 64)]
+            and (elem < 4 or (c.kwargs[c.owned] <= 64
+                              and c.kwargs[c.owned] * kwargs["BLOCK_D"] <= c.fp32_tile))]
     return keep or configs[-1:]
 
 
-def _tuned(kernel, outer: str, inner: str, configs):
+def _tuned(kernel, outer: str, inner: str, configs, fp32_tile: int):
     """``kernel`` autotuned over ``configs`` ((owned block ``outer``, warps, stages)), keyed on
-    (L, WINDOW, HEAD_DIM) and the dtypes, with the swept block and trip count derived."""
+    (L, WINDOW, HEAD_DIM) and the dtypes, with the swept block and trip count derived;
+    ``fp32_tile``: see ``_fits``."""
     if interpreting():
         configs = configs[:1]
     heur = triton.heuristics({
@@ -267,7 +271,7 @@ def _tuned(kernel, outer: str, inner: str, configs):
     cfgs = []
     for block, warps, stages in configs:
         c = triton.Config({outer: block}, num_warps=warps, num_stages=stages)
-        c.owned = outer
+        c.owned, c.fp32_tile = outer, fp32_tile
         cfgs.append(c)
     return triton.autotune(cfgs, key=["L", "WINDOW", "HEAD_DIM"],
                            prune_configs_by={"early_config_prune": _fits})(heur)
@@ -276,9 +280,9 @@ def _tuned(kernel, outer: str, inner: str, configs):
 # (owned block, warps, stages); the last one fits everything
 _FWD_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 2), (32, 4, 2)]
 _BWD_CONFIGS = [(64, 8, 2), (64, 4, 2), (128, 8, 2), (32, 4, 2)]
-_swa_fwd_tuned = _tuned(_swa_fwd_kernel, "BLOCK_M", "BLOCK_N", _FWD_CONFIGS)
-_swa_bwd_dkdv_tuned = _tuned(_swa_bwd_dkdv_kernel, "BLOCK_N", "BLOCK_M", _BWD_CONFIGS)
-_swa_bwd_dq_tuned = _tuned(_swa_bwd_dq_kernel, "BLOCK_M", "BLOCK_N", _BWD_CONFIGS)
+_swa_fwd_tuned = _tuned(_swa_fwd_kernel, "BLOCK_M", "BLOCK_N", _FWD_CONFIGS, 64 * 64)
+_swa_bwd_dkdv_tuned = _tuned(_swa_bwd_dkdv_kernel, "BLOCK_N", "BLOCK_M", _BWD_CONFIGS, 64 * 128)
+_swa_bwd_dq_tuned = _tuned(_swa_bwd_dq_kernel, "BLOCK_M", "BLOCK_N", _BWD_CONFIGS, 64 * 128)
 
 
 def _launch(tuned, kernel, grid_block: str, L: int, window: int, explicit, args, meta):

@@ -198,3 +198,22 @@ def test_invalid_inputs_raise(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         linear_attention(**args)
+
+
+def test_autotune_runs_one_config_in_the_interpreter_and_prunes_per_dtype(monkeypatch):
+    # Under the interpreter every tuned kernel has exactly one config (nothing is benchmarked).
+    for tuned in (noncausal._state_tuned, noncausal._fwd_out_tuned, noncausal._bwd_q_tuned,
+                  noncausal._bwd_kv_tuned):
+        assert len(tuned.configs) == 1
+    # On a GPU: the dtype's own list, minus configs barred at this BLOCK_K or too big to fit.
+    monkeypatch.setattr(noncausal, "interpreting", lambda: False)
+    tuned = noncausal._tuned(noncausal._bwd_kv_kernel, noncausal._CONFIGS["bwd_kv"], ["DK"])
+
+    def keep(dtype, block_k):
+        kept = noncausal._fits(tuned.configs, {"K": torch.empty(0, dtype=dtype)}, BLOCK_K=block_k)
+        return sorted((c.kwargs["BLOCK_L"], c.kwargs["BLOCK_V"], c.num_warps) for c in kept)
+
+    assert keep(torch.bfloat16, 128) == sorted(c[:3] for c in noncausal._CONFIGS["bwd_kv"][2])
+    # fp32 at head dim 72 (BLOCK_K 128): the 32-row configs spilled; only 16 rows remain
+    assert keep(torch.float32, 128) == [(16, 32, 4)]
+    assert keep(torch.float32, 64) == [(16, 32, 4), (16, 64, 4), (32, 64, 8)]

@@ -174,6 +174,27 @@ def test_compiles_without_graph_breaks(monkeypatch):
         assert_rel_close(name, g, w, TOL[torch.float32])
 
 
+def _configs(tuned):
+    return sorted((c.kwargs[c.owned], c.num_warps, c.num_stages) for c in tuned)
+
+
+def test_autotune_runs_one_config_in_the_interpreter_and_prunes_per_dtype(monkeypatch):
+    # Under the interpreter every tuned kernel has exactly one config (nothing is benchmarked).
+    for tuned in (fused._nat2d_fwd_tuned, fused._nat2d_bwd_dkdv_tuned, fused._nat2d_bwd_dq_tuned):
+        assert len(tuned.configs) == 1
+    # On a GPU: the dtype's own list, owned blocks dividing the grid width, tiles that fit.
+    monkeypatch.setattr(fused, "interpreting", lambda: False)
+    tuned = fused._tuned(fused._nat2d_fwd_kernel, "BLOCK_M", "BLOCK_N", False, fused._FWD_CONFIGS)
+    bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
+    keep = lambda q, width, block_d: _configs(fused._fits(tuned.configs, {"Q": q, "GW": width},  # noqa: E731
+                                                          BLOCK_D=block_d))
+    assert keep(bf16, 64, 128) == sorted(fused._FWD_CONFIGS[2])
+    assert keep(fp32, 64, 128) == sorted(fused._FWD_CONFIGS[4])
+    assert keep(fp32, 48, 128) == [(16, 4, 2)]                         # 48: only 16 divides
+    assert keep(bf16, 48, 128) == sorted(fused._FWD_CONFIGS[2])       # none divides: all
+    assert keep(bf16, 64, 256) == [(32, 4, 2), (64, 8, 2)]            # 64 x 256 needs 8 warps
+
+
 def test_sweeps_are_local():
     # DiT-XL/2 (16x16, k=7): a 16-query row block sweeps 7 key rows of one 16-key chunk;
     # a 16-key block is reached from the 10 query rows of its inverse neighbourhood.

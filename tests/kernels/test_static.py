@@ -40,9 +40,8 @@ print(json.dumps({{"rows": [r.as_dict() for r in rows],
 # (family, check) -> why it fails today (issue 14, item 2); strict xfails
 KNOWN = {
     ("mamba2", "loads"): "ssd_chunk_bwd_kernel loads x and dy 64 bits wide: a (64, 16) tile over 8 warps "
-                         "is 4 elements a thread; 4 warps would give 8 at ~240 registers already",
-    ("hyena_x", "loads"): "hyena_x_bwd_kernel (32, 32) tile at 8 warps loads u and dy 64 bits wide; the "
-                          "128-bit tilings (32,32,4), (32,64,8), (16,64,4) take 255 registers (ptxas, bf16)",
+                         "is 4 elements a thread; at 4 warps (8 elements, 128 bits) it spills 88 B "
+                         "(ptxas, bf16); split launches would read B, C, x, dy twice",
 }
 
 
