@@ -24,7 +24,11 @@ DESCRIPTION = (
     "operator's flops(tokens) (fwd+bwd = 3x fwd); bytes from a compulsory-traffic model "
     "(fwd = x + W + y, fwd+bwd = 3x + 3W + 2y). --crossover sweeps L over powers of two and "
     "reports where each attention replacement overtakes SDPA; --model/--rules times the operators "
-    "at the shapes matched in a model.")
+    "at the shapes matched in a model. --kernels times each kernel core on its own (Hyena "
+    "featurizer, sliding-window, 2D neighbourhood and linear attention, the Mamba-2 scan) with its "
+    "own byte and FLOP counts against flex_attention, SDPA (masked and full), torch, fla, "
+    "mamba_ssm, F.conv1d and causal_conv1d where they run, checks every path against the fp32 "
+    "reference before timing it, and reports the issue-14 targets as ratios.")
 
 # (dest, flag, default) of every option, in order: the header reprints the exact command.
 _FLAGS: list[tuple[str, str, object]] = []
@@ -85,6 +89,19 @@ def build(p: argparse.ArgumentParser) -> None:
     _add(p, "--rules", metavar="FILE",
          help="with --model: the rule file whose selected regions are timed "
               "(a path or a bundled name, e.g. dit-xl2-mha-swa-50p.toml)")
+    _add(p, "--kernels", action="store_true",
+         help="kernel-level table: each kernel core alone vs flex_attention/SDPA/torch/fla/"
+              "mamba_ssm/F.conv1d/causal_conv1d, output-checked, with the targets as ratios "
+              "(exit 1 when a graftfx kernel fails its check)")
+    _add(p, "--quick", action="store_true",
+         help="with --kernels: one small shape per kernel (CPU: L=256; GPU: L=4096)")
+    _add(p, "--kernel", action="append", metavar="FAMILY",
+         help="with --kernels: only these kernel families (repeat or comma-separate; "
+              "default: all)")
+    _add(p, "--cuda-graphs", action="store_true",
+         help="with --kernels on CUDA: time small cases (fwd moving <= 256 MiB) as CUDA graph replays")
+    _add(p, "--budget-s", type=float, metavar="S",
+         help="with --kernels: start no new timing after S seconds (the rest are marked skipped)")
     _add(p, "--json", metavar="PATH", help="also write every row and the header facts to this JSON file")
     _add(p, "--warmup-ms", type=float, default=25.0, metavar="MS",
          help="warm-up time per timing in ms (default: 25)")
@@ -103,7 +120,7 @@ def command_line(args) -> str:
             continue
         if value is True:
             parts.append(flag)
-        elif isinstance(value, list) and dest in ("op", "shape"):
+        elif isinstance(value, list) and dest in ("op", "shape", "kernel"):
             for v in value:
                 parts += [flag, str(v)]
         elif isinstance(value, list):
@@ -132,7 +149,28 @@ def _groups(text: str | None, cuda: bool) -> set[str]:
     return chosen
 
 
+def _check_kernels(args) -> None:
+    if not args.kernels:
+        given = [f for f, v in (("--quick", args.quick), ("--kernel", args.kernel),
+                                ("--cuda-graphs", args.cuda_graphs),
+                                ("--budget-s", args.budget_s is not None)) if v]
+        if given:
+            raise GraftError(f"{given[0]}: only applies with --kernels; add --kernels or drop {given[0]}")
+        return
+    given = [f for f, v in (("--op", args.op), ("--shape", args.shape), ("--tokens", args.tokens),
+                            ("--dim", args.dim), ("--heads", args.heads), ("--full", args.full),
+                            ("--paths", args.paths), ("--crossover", args.crossover),
+                            ("--sweep", args.sweep), ("--model", args.model), ("--rules", args.rules))
+             if v]
+    if given:
+        raise GraftError(f"{given[0]} does not apply with --kernels: the kernel table fixes its "
+                         f"shapes and paths (use --quick, --kernel, --batch, --dtype); drop {given[0]}")
+    if args.budget_s is not None and not args.budget_s > 0:
+        raise GraftError(f"--budget-s {args.budget_s:g} must be a positive number of seconds")
+
+
 def _check(args) -> None:
+    _check_kernels(args)
     if args.model and not args.rules:
         raise GraftError(f"--model {args.model}: needs --rules FILE naming the regions to time "
                          f"(e.g. --rules dit-xl2-mha-swa-50p.toml)")
@@ -242,6 +280,8 @@ def cmd(args) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
+    if args.kernels:
+        return _kernels_cmd(args, device)
     groups = _groups(args.paths, cuda)
     timer = TimerSettings(args.warmup_ms, args.rep_ms)
     notes = [] if cuda else [GPU_NOTE]
@@ -283,6 +323,93 @@ def cmd(args) -> int:
         print(f"graftfx bench: {len(failed)} timing(s) failed; see the ms column", file=sys.stderr)
         return 1
     return 0
+
+
+class _NoBar:
+    """Stands in for tqdm where it is not installed: counts nothing, prints nothing."""
+
+    total = 0
+
+    def __init__(self, *a, **kw):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+
+def _kernels_cmd(args, device) -> int:
+    """``graftfx bench --kernels``: the kernel-level table and the targets (``kernels``)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:                 # a bare GPU machine's python3 (benchmarks/gpu_check.sh)
+        tqdm = _NoBar
+    from . import kernels as kb
+    from .cases import DTYPES
+    from .harness import environment, measure_ceilings
+    from .report import header, kernel_table, targets_text, write_json
+    from .runner import PASSES, TimerSettings
+
+    cuda = device.type == "cuda"
+    dtype_key = args.dtype or ("bf16" if cuda else "fp32")
+    if dtype_key not in DTYPES:
+        raise GraftError(f"--dtype {dtype_key!r} is not supported; choose from {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_key]
+    families = _split(args.kernel)
+    planned, notes = kb.plan(device, quick=args.quick, batch=args.batch, families=families)
+    if args.cuda_graphs and not cuda:
+        notes.append("--cuda-graphs: no CUDA here; timed as plain calls")
+    timer = TimerSettings(args.warmup_ms, args.rep_ms)
+    meta = environment(device, command_line(args))
+    meta["timer"] = (f"triton.testing.do_bench median (warmup {timer.warmup_ms:g} ms, rep "
+                     f"{timer.rep_ms:g} ms, L2 flushed per call)" if cuda else
+                     f"median of per-call wall times (time.perf_counter; warmup "
+                     f"{timer.warmup_ms:g} ms, rep {timer.rep_ms:g} ms, >= 3 calls)")
+    ceilings = measure_ceilings(device, dtype, warmup_ms=timer.warmup_ms, rep_ms=timer.rep_ms)
+    interpreter = {} if cuda else kb.interpreter_checks(families)
+    passes = ("fwd",) if args.forward_only else PASSES
+    with tqdm(desc="bench --kernels", unit="timing", leave=False, disable=None) as bar:
+        bench = kb.KernelBench(device, dtype, timer, passes, graphs=args.cuda_graphs,
+                               budget_s=args.budget_s, progress=bar, interpreter=interpreter)
+        bar.total = bench.units(planned)
+        rows = bench.run(planned)
+    goals = kb.targets(rows, ceilings, cuda)
+    meta["ceilings"] = ceilings.as_dict()
+    meta["notes"] = notes
+    models = [f"counts ({kb.TITLES[f]}): {kb.COUNTS[f]}" for f in kb.FAMILIES
+              if any(r.kernel == f for r in rows)]
+    models += [kb.DENSE_COUNT,
+               "GB/s and TFLOP/s of every path come from the kernel's own counts (useful work): "
+               "dense and masked paths do more work than they are credited with",
+               f"check: relative error (||path - ref|| / ||ref||) of the output and every input "
+               f"gradient against the fp32 reference (naive.py) on its slice, before timing; "
+               f"tolerance {', '.join(f'{k} {v:.0e}' for k, v in kb.TOL.items())} (gradients 2x); "
+               f"a path that fails is not timed"]
+    title = "kernel timings" + (f" ({kb.CPU_NOTE})" if not cuda else "")
+    print(header(meta, title, models))
+    print()
+    print(kernel_table(rows))
+    print()
+    print("Targets:")
+    print(targets_text(goals))
+    payload = {"meta": meta, "kernels": [r.as_dict() for r in rows], "targets": goals}
+    if args.json:
+        print(f"\nwrote {write_json(args.json, payload)}")
+    failed = [r for r in rows if r.status.startswith("failed")]
+    mine = [r for r in failed if r.role == kb.KERNEL]
+    if failed:
+        print(f"graftfx bench --kernels: {len(mine)} graftfx kernel row(s) and "
+              f"{len(failed) - len(mine)} other row(s) failed (a check or a run); see the check "
+              f"and ms columns", file=sys.stderr)
+    return 1 if mine else 0
 
 
 def register(commands: dict, arg_builders: dict) -> None:

@@ -16,7 +16,9 @@ BASELINE_NOTE = ("speed-up = baseline ms / ms at the same shape and pass; baseli
                  f"replacements vs the original MLP (the {BASELINES[MLP].op} operator, r=4)")
 
 
-def header(meta: dict, title: str) -> str:
+def header(meta: dict, title: str, models: list[str] | None = None) -> str:
+    """The facts every table starts with; ``models`` replaces the operator bench's FLOP, byte
+    and baseline lines (the kernel bench states its own counts)."""
     lines = [f"## graftfx bench: {title}", "",
              f"- device: {meta['device']}",
              f"- date: {meta['date']}",
@@ -27,9 +29,9 @@ def header(meta: dict, title: str) -> str:
         lines.append(f"- measured ceilings: copy {c['gbps']:,.1f} GB/s ({c['copy_bytes'] >> 20} MiB "
                      f"read + written), matmul {c['tflops']:,.2f} TFLOP/s ({c['matmul_n']}^3 {c['dtype']})")
     lines.append(f"- timer: {meta['timer']}")
-    lines.append(f"- FLOPs: {FLOPS_MODEL}")
-    lines.append(f"- bytes: {BYTES_MODEL}")
-    lines.append(f"- {BASELINE_NOTE}")
+    if models is None:
+        models = [f"FLOPs: {FLOPS_MODEL}", f"bytes: {BYTES_MODEL}", BASELINE_NOTE]
+    lines += [f"- {m}" for m in models]
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines)
@@ -100,6 +102,28 @@ def totals_text(totals: list[dict]) -> str:
             lines.append(f"- {t['pass']}: selected regions {t['original_ms']:.3f} ms original -> "
                          f"{t['grafted_ms']:.3f} ms grafted ({t['speedup']:.2f}x)")
     return "\n".join(lines)
+
+
+def kernel_table(rows) -> str:
+    """One line per kernel-bench row (``graftfx.bench.kernels.Row``): the check before timing,
+    then time, throughput from the kernel's own counts, and the ratios to the kernel."""
+    cols = ["kernel", "shape", "dtype", "pass", "path", "check (rel. error)", "ms", "GB/s",
+            "TFLOP/s", "kernel speed-up (baseline ms / kernel ms)"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        ms = (_num(r.ms, ".3f") + (" (graph)" if r.graphed else "")) if r.ok else r.status
+        if r.role == "kernel":
+            ratio = f"{r.vs_best:.2f}x vs the best, {r.best}" if r.vs_best is not None else ""
+        else:
+            ratio = f"{r.speedup:.2f}x" if r.speedup is not None else ""
+        cells = [r.kernel, f"{r.group}: {r.case}", r.dtype, r.pass_, r.path, r.check, ms,
+                 _num(r.gbps, ",.1f"), _num(r.tflops, ",.2f"), ratio]
+        out.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    return "\n".join(out)
+
+
+def targets_text(targets: list[dict]) -> str:
+    return "\n".join(f"- {t['target']}: {t['text']}" for t in targets)
 
 
 def write_json(path, payload: dict) -> Path:

@@ -350,6 +350,8 @@ def test_bench_code_names_no_operator():
     pattern = re.compile(rf"(^|_)({names})($|_)")
     seen = {b.op: 0 for b in BASELINES.values() if b.op not in KINDS}
     for path in sorted(Path(graftfx.bench.__file__).parent.glob("*.py")):
+        if path.name == "kernels.py":   # kernel-level cases name the kernel packages (graftfx.kernels.*) by design
+            continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
