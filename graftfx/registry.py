@@ -142,3 +142,56 @@ def operators() -> dict[str, OperatorSpec]:
 def patterns() -> dict[str, PatternSpec]:
     load_plugins()
     return dict(PATTERNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structural operators: rewrites of whole blocks (parallel pairs, dropping, merging), named by a
+# rule like an operator but applied by graftfx.splice.structure, not built per region.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StructuralSpec:
+    name: str
+    config: type                     # dataclass of options, validated in __post_init__
+    form: str                        # what graftfx.splice.structure does: "parallel" | "merge" | "drop"
+    group: int                       # blocks per group: 2 (pairs) or 1 (drop)
+    loss: str                        # default stage-1 loss for the rewritten group
+    description: str
+
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config)]
+
+    def make_config(self, options: dict[str, Any], where: str = "") -> Any:
+        return OperatorSpec.make_config(self, options, where)  # same checks, same messages
+
+
+STRUCTURAL: dict[str, StructuralSpec] = {}
+FORMS = ("parallel", "merge", "drop")
+
+
+def register_structural(name: str, *, config: type, form: str, group: int, loss: str = "l2",
+                        description: str = "") -> StructuralSpec:
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"structural operator {name!r}: config must be a dataclass, got {config!r}")
+    if form not in FORMS or group not in (1, 2) or loss not in LOSSES:
+        raise TypeError(f"structural operator {name!r}: form must be one of {', '.join(FORMS)}, group 1 or 2, "
+                        f"loss one of {', '.join(LOSSES)}")
+    if name in OPERATORS:
+        raise ValueError(f"structural operator {name!r} clashes with a region operator of that name")
+    spec = StructuralSpec(name, config, form, group, loss, description)
+    STRUCTURAL[name] = spec
+    return spec
+
+
+def is_structural(name) -> bool:
+    load_plugins()
+    return isinstance(name, str) and name in STRUCTURAL
+
+
+def get_structural(name: str, where: str = "") -> StructuralSpec:
+    return _lookup(STRUCTURAL, "structural operator", name, where)
+
+
+def structurals() -> dict[str, StructuralSpec]:
+    load_plugins()
+    return dict(STRUCTURAL)

@@ -16,9 +16,15 @@ A rule file is TOML and never runs code:
 Selection keys (combined by AND): ``preset`` ("paper-50": odd blocks 1,3,5,...; "paper-75":
 all blocks but 0,4,8,...; "all"), ``fraction`` (0.5 and 0.75 are the presets, other values
 pick evenly spaced blocks), ``every_other`` (true: blocks 1,3,5,...; ``offset`` = 0 for
-0,2,4,...), ``indices`` (block indices; negative counts from the end), ``paths`` and
-``exclude`` (module-path globs such as "blocks.*.attn"). Index-based selections apply to the
-regions that sit in a numbered block; ``paths`` alone may reach any region.
+0,2,4,...), ``indices`` (block indices; negative counts from the end), ``range`` ([start, stop):
+blocks start..stop-1, Python-style, negative counts from the end), ``paths`` and ``exclude``
+(module-path globs such as "blocks.*.attn"). Index-based selections apply to the regions that
+sit in a numbered block; ``paths`` alone may reach any region.
+
+Structural rules (``pattern = "block"`` with ``parallel_pairs``, ``drop_blocks`` or
+``merge_blocks``: ``rewrites/operators/structural.py``, docs/structural.md) select blocks with
+the same keys and share a file with operator rules. Selections always count the original
+model's blocks.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from typing import Any
 
 from graftfx.errors import GraftError, first_line
 
-from .registry import LOSSES, OPERATORS, get_operator, get_pattern, register_operator
+from .registry import LOSSES, OPERATORS, get_operator, get_pattern, get_structural, is_structural, register_operator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,7 +53,8 @@ PRESETS = ("paper-50", "paper-75", "all")
 _FILE_KEYS = {"version": "rule-file format version (1)", "description": "free text",
               "model": "the model the file was written for (free text)", "rule": "the [[rule]] tables"}
 _RULE_KEYS = ("name", "pattern", "operator", "select", "options", "loss")
-_SELECT_KEYS = ("preset", "fraction", "every_other", "offset", "indices", "paths", "exclude")
+_SELECT_KEYS = ("preset", "fraction", "every_other", "offset", "indices", "range", "paths", "exclude")
+BLOCK_PATTERN = "block"
 
 
 @dataclass
@@ -57,6 +64,7 @@ class Select:
     every_other: bool = False
     offset: int = 1
     indices: list[int] | None = None
+    range: list[int] | None = None      # [start, stop): blocks start..stop-1
     paths: list[str] | None = None
     exclude: list[str] | None = None
 
@@ -76,6 +84,9 @@ class Select:
                 raise ValueError(f"select.{key} must be a list, got {value!r}")
         if self.indices is not None and not all(_is_int(i) for i in self.indices):
             raise ValueError(f"select.indices must be a list of integers, got {self.indices!r}")
+        if self.range is not None and not (isinstance(self.range, (list, tuple)) and len(self.range) == 2
+                                           and all(_is_int(i) for i in self.range)):
+            raise ValueError(f"select.range must be [start, stop], two integers, got {self.range!r}")
         for key in ("paths", "exclude"):
             value = getattr(self, key)
             if value is not None and not all(isinstance(g, str) for g in value):
@@ -83,7 +94,8 @@ class Select:
 
     @property
     def by_index(self) -> bool:
-        return bool(self.preset or self.fraction is not None or self.every_other or self.indices is not None)
+        return bool(self.preset or self.fraction is not None or self.every_other or self.indices is not None
+                    or self.range is not None)
 
     def blocks(self, depth: int) -> set[int]:
         """Block indices this selection keeps out of ``range(depth)``."""
@@ -99,6 +111,12 @@ class Select:
             if bad:
                 raise GraftError(f"select.indices {bad} out of range for a model with {depth} blocks")
             keep &= {i % depth for i in self.indices}
+        if self.range is not None:
+            start, stop = (i + depth if i < 0 else i for i in self.range)
+            if not 0 <= start < stop <= depth:
+                raise GraftError(f"select.range {list(self.range)} names no blocks of a model with {depth} blocks; "
+                                 f"give [start, stop] with 0 <= start < stop <= {depth}")
+            keep &= set(range(start, stop))
         return keep
 
     def admits_path(self, path: str) -> bool:
@@ -165,6 +183,17 @@ class Rule:
     def validate(self, allow_imports: bool = False) -> None:
         """Check the pattern, operator and options exist; raise GraftError naming what is wrong."""
         get_pattern(self.pattern, self.where)
+        if self.structural or self.pattern == BLOCK_PATTERN:
+            from .registry import structurals
+
+            if not self.structural:
+                raise GraftError(f"{self.where}pattern {BLOCK_PATTERN!r} takes a structural operator "
+                                 f"({', '.join(sorted(structurals()))}), not {self.operator!r}")
+            if self.pattern != BLOCK_PATTERN:
+                raise GraftError(f"{self.where}operator {self.operator!r} rewrites whole blocks: use "
+                                 f"pattern = {BLOCK_PATTERN!r}, not {self.pattern!r}")
+            get_structural(self.operator, self.where).make_config(dict(self.options), self.where)
+            return
         if isinstance(self.operator, str) and (":" in self.operator or "." in self.operator):
             if not allow_imports:
                 raise GraftError(f"{self.where}operator {self.operator!r} is an import path; rule files never "
@@ -174,10 +203,19 @@ class Rule:
 
     def config(self):
         """The operator's validated config object for this rule's options."""
+        if self.structural:
+            return get_structural(self.operator, self.where).make_config(dict(self.options), self.where)
         return get_operator(self.operator, self.where).make_config(dict(self.options), self.where)
 
     @property
+    def structural(self) -> bool:
+        """A structural rule (parallel_pairs, drop_blocks, merge_blocks): it rewrites whole blocks."""
+        return is_structural(self.operator)
+
+    @property
     def effective_loss(self) -> str:
+        if self.structural:
+            return self.loss or get_structural(self.operator, self.where).loss
         return self.loss or get_operator(self.operator, self.where).loss
 
     def to_dict(self) -> dict:

@@ -11,6 +11,12 @@ the base model again, re-applies the rules pinned to the exact regions of the ma
 operator configs it recorded (every option, the defaults of the day included, so a changed
 default never changes a reloaded model), and loads the state strictly into the grafted model's
 own copies of the base's modules: the same model comes back, and ``base_model`` is never changed.
+
+Structural rules (parallel pairs, merged and dropped blocks) are recorded under ``structure``:
+one entry per rewritten group with its rule, its blocks and its config; ``regions`` then lists
+the operator regions only (an operator that moved into a pair's module carries ``inside``, the
+pair's path). Such a manifest is format 3; one without structure stays format 2, and formats 1
+and 2 read as before. ``load_grafted`` pins each structural rule to its recorded blocks.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from graftfx.trace.tracer import trace
 MANIFEST = "graft.json"
 WEIGHTS = "model.safetensors"
 FORMAT = 2          # 2: regions carry "config" (dataclasses.asdict of the operator config); 1: rule options
+FORMAT_STRUCTURE = 3   # 3: format 2 plus "structure" (structural rewrites: parallel pairs, merged/dropped blocks)
 TRACERS = ("auto", "fx", "export")
 INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
@@ -70,31 +77,28 @@ def export_grafted(grafted: GraftedModule, folder, *, base_id: str = "", base_ha
     try:
         tmp.mkdir()
         grafted.save_state(tmp / WEIGHTS)
+        structure = list(getattr(grafted, "structure", []) or [])
+        regions = [g.as_dict() for g in grafted.grafts if not g.structural]
+        for edit in structure:
+            regions += [{**r.as_dict(), "inside": edit.path} for r in edit.inner]
         manifest = {
-            "format": FORMAT,
+            "format": FORMAT_STRUCTURE if structure else FORMAT,
             "graftfx": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "base": {"id": base_id, "hash": base_hash},
             "tracer": grafted.tracer,
             "inputs": grafted.input_spec,
             "rules": [r.to_dict() for r in grafted.rules],
-            "regions": [g.as_dict() for g in grafted.grafts],
+            "regions": regions,
             "weights": {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size,
                         "sha256": file_sha256(tmp / WEIGHTS)},
             "settings": settings or {},
             "metrics": metrics or {},
         }
+        if structure:
+            manifest["structure"] = [e.as_dict() for e in structure]
         atomic_write_json(tmp / MANIFEST, manifest)
-        if folder.is_dir():          # keep what else the user put there
-            for entry in folder.iterdir():
-                if entry.name not in (WEIGHTS, MANIFEST) and not (tmp / entry.name).exists():
-                    _carry_over(entry, tmp / entry.name)
-            old = temp_name(folder).with_suffix(".old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        swap_folder(tmp, folder, own=(WEIGHTS, MANIFEST))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, GraftError) or not _is_io_error(e):
@@ -102,6 +106,21 @@ def export_grafted(grafted: GraftedModule, folder, *, base_id: str = "", base_ha
         raise GraftError(f"export to {folder} failed: {_io_reason(e)}; the earlier export there (if any) is "
                          "unchanged: free space or pick another folder and export again") from None
     return folder
+
+
+def swap_folder(tmp: Path, folder: Path, own: tuple[str, ...]) -> None:
+    """Make the finished folder ``tmp`` the ``folder``: what else the user put in the old folder
+    (every entry but the names in ``own``) is carried over, then two renames swap them."""
+    if not folder.is_dir():
+        os.replace(tmp, folder)
+        return
+    for entry in folder.iterdir():
+        if entry.name not in own and not (tmp / entry.name).exists():
+            _carry_over(entry, tmp / entry.name)
+    old = temp_name(folder).with_suffix(".old")
+    os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _carry_over(src: Path, dst: Path) -> None:
@@ -162,9 +181,9 @@ def check_manifest(m, path) -> None:
     if not isinstance(m, dict):
         raise bad("the document", "a JSON object")
     fmt = m.get("format")
-    if not _is_int(fmt) or fmt not in (1, FORMAT):
-        raise GraftError(f"{path} has format {fmt!r}; this graftfx reads formats 1 and {FORMAT}: upgrade graftfx or "
-                         "export the model again")
+    if not _is_int(fmt) or fmt not in (1, FORMAT, FORMAT_STRUCTURE):
+        raise GraftError(f"{path} has format {fmt!r}; this graftfx reads formats 1 and {FORMAT} ({FORMAT_STRUCTURE} with "
+                         "structural rewrites): upgrade graftfx or export the model again")
     base = m.get("base", {})
     if not isinstance(base, dict) or not isinstance(base.get("hash", ""), str) or not isinstance(base.get("id", ""), str):
         raise bad("base", 'an object {"id": "...", "hash": "..."}')
@@ -176,8 +195,15 @@ def check_manifest(m, path) -> None:
             and isinstance(r.get("options", {}), dict) for r in rules):
         raise bad("rules", "a list of rule objects with name, pattern and operator strings")
     names = {r["name"] for r in rules}
+    structure = m.get("structure", [])
+    if not isinstance(structure, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("rule"), str) and e["rule"] in names
+            and isinstance(e.get("blocks"), list) and e["blocks"] and all(isinstance(b, str) for b in e["blocks"])
+            and isinstance(e.get("config", {}), dict) for e in structure) or (structure and fmt != FORMAT_STRUCTURE):
+        raise bad("structure", "a list of objects with a rule of the manifest, a list of block paths and a config "
+                  "(format 3)")
     regions = m.get("regions")
-    if not isinstance(regions, list) or not regions or not all(
+    if not isinstance(regions, list) or not (regions or structure) or not all(
             isinstance(r, dict) and isinstance(r.get("rule"), str) and isinstance(r.get("path"), str)
             and isinstance(r.get("config", {}), dict) for r in regions):
         raise bad("regions", "a list of region objects with rule and path strings and a config object")
@@ -196,7 +222,15 @@ def check_manifest(m, path) -> None:
             or not isinstance(inputs.get("kwargs", {}), dict):
         raise bad("inputs", 'an object {"args": [...], "kwargs": {...}}')
     total = 0
-    for i, spec in enumerate([*inputs["args"], *inputs.get("kwargs", {}).values()]):
+    entries = [*inputs["args"], *inputs.get("kwargs", {}).values()]
+    for spec in list(entries):   # a dict input (one level): its entries are checked like the others
+        if isinstance(spec, dict) and set(spec) == {"dict"}:
+            if not isinstance(spec["dict"], dict) or any(isinstance(v, dict) and "dict" in v
+                                                         for v in spec["dict"].values()):
+                raise bad("inputs", "dict entries one level deep")
+            entries.extend(spec["dict"].values())
+    entries = [e for e in entries if not (isinstance(e, dict) and set(e) == {"dict"})]
+    for i, spec in enumerate(entries):
         where = f"inputs entry {i + 1}"
         if not isinstance(spec, dict) or len(spec) not in (1, 2):
             raise bad(where, 'an object {"tensor": [shape], "dtype": "..."} or {"value": ...}')
@@ -208,7 +242,12 @@ def check_manifest(m, path) -> None:
                 raise bad(f"{where}'s dtype", "one of " + ", ".join(INPUT_DTYPES))
             total += math.prod(shape)
         elif "value" in spec:
-            if not (spec["value"] is None or isinstance(spec["value"], (bool, int, float, str))):
+            value = spec["value"]
+            plain = (bool, int, float, str)
+            if isinstance(value, dict):   # {"resolution": null, ...}: a dict of plain values (added_cond_kwargs)
+                if len(value) > 64 or not all(u is None or isinstance(u, plain) for u in value.values()):
+                    raise bad(f"{where}'s value", "a number, string, boolean, null, or an object of those")
+            elif not (value is None or isinstance(value, plain)):
                 raise bad(f"{where}'s value", "a number, string, boolean or null")
         else:
             raise bad(where, 'an object {"tensor": [shape], "dtype": "..."} or {"value": ...}')
@@ -258,6 +297,19 @@ def load_grafted(base_model: torch.nn.Module, folder, *, check_hash: bool = True
             raise GraftError(f"{where}: region {region['path']}: {first_line(e)}") from None
         rule.validate()                              # import paths refused: a manifest never imports code
         rules.append(rule)
+    for edit in manifest.get("structure", []):       # structural rules pinned to their blocks
+        r = by_name[edit["rule"]]
+        try:
+            rule = Rule(pattern=r["pattern"], operator=r["operator"], select=Select(paths=list(edit["blocks"])),
+                        options=dict(edit.get("config", r.get("options", {}))), name=r["name"], loss=r.get("loss"),
+                        source=f"{where}: structure {'+'.join(edit['blocks'])}")
+        except (TypeError, ValueError) as e:
+            raise GraftError(f"{where}: structure {edit['blocks']}: {first_line(e)}") from None
+        rule.validate()
+        if not rule.structural:
+            raise GraftError(f"{where}: structure {edit['blocks']}: {r['operator']!r} is not a structural operator; "
+                             "the manifest is damaged: export the model again")
+        rules.append(rule)
     args, kwargs = make_inputs(manifest["inputs"])
     try:
         traced = trace(base_model, args, kwargs, tracer=manifest.get("tracer", "auto"))
@@ -271,6 +323,10 @@ def load_grafted(base_model: torch.nn.Module, folder, *, check_hash: bool = True
     got = sorted(r.path for _, r in plan.selected)
     if got != sorted(r["path"] for r in manifest["regions"]):
         raise GraftError(f"{folder}: the base model's regions {got} differ from the manifest's; is it the same model?")
+    groups = sorted([r.path for r in group] for _, group in plan.structural)
+    if groups != sorted(list(e["blocks"]) for e in manifest.get("structure", [])):
+        raise GraftError(f"{folder}: the base model's blocks {groups} differ from the manifest's structure; is it the "
+                         "same model?")
     grafted = splice(plan)
     detach_from(grafted, base_model)                 # load into copies, never into the caller's model
     own = grafted.state_dict()

@@ -4,7 +4,9 @@ whether the rule's operator can be built for every region it selected (checked o
 device: options that fail only against a real region, such as heads not dividing its width);
 which regions it refuses (a key-padding mask the operator does not take) and what it leaves out
 (a rotary embedding or bias it does not apply). Attention rules also name every attention core of
-the graph that no attention pattern matched, with the condition it failed."""
+the graph that no attention pattern matched, with the condition it failed. Structural rules
+(``pattern = "block"``) list the blocks they group (``blocks.0+1``) or drop, and the blocks they
+refuse (a selected block with no selected neighbour to pair with)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -79,7 +81,8 @@ def explain(model, rules, example_inputs=(), example_kwargs=None) -> list[RuleEx
         out.append(RuleExplanation(o.rule.name, o.rule.pattern, o.rule.operator, [r.path for r in o.report.regions],
                                    [r.path for r in o.chosen], len(blocks), missing, list(misses),
                                    contents(traced) if not o.report.regions else "",
-                                   _build_errors(o.rule, o.chosen), [why for _, why in o.refused], list(o.notes),
+                                   [] if o.rule.structural else _build_errors(o.rule, o.chosen),
+                                   [why for _, why in o.refused], list(o.notes) + _group_notes(o),
                                    unmatched_attention(traced) if o.rule.pattern in ATTENTION_KINDS else []))
     return out
 
@@ -95,6 +98,15 @@ def unmatched_attention(traced: TracedGraph) -> list[Candidate]:
             found.setdefault(c.anchor, c)
     return [c for anchor, c in found.items() if anchor not in region_cores
             and not c.reason.startswith(("attention found, but", "softmax/attention found, but"))]
+
+
+def _group_notes(outcome) -> list[str]:
+    if not outcome.rule.structural or not outcome.groups:
+        return []
+    from graftfx.splice.structure import group_path
+
+    word = "drops" if len(outcome.groups[0]) == 1 else "rewrites"
+    return [f"{outcome.rule.operator} {word} " + ", ".join(group_path([r.path for r in g]) for g in outcome.groups)]
 
 
 def _dedupe(lines):

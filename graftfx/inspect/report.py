@@ -1,7 +1,9 @@
 """``inspect(model, rules)``: what a model contains, what the rules would replace, and the result.
 
 The same data feeds the CLI table, the JSON, and a self-contained HTML report with the
-before/after rendering of one block.
+before/after rendering of one block. Structural rules show as the model's depth before and
+after, the parallel / merged pairs and dropped blocks in the table (one row per block), in the
+diff, and in the SVG (the two blocks before, the parallel block's own graph after).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class InspectReport:
     svg_after: str = ""
     renderer: str = ""
     notes: list[str] = field(default_factory=list)
+    structure: list[dict] = field(default_factory=list)   # structural edits: form, blocks, path, target
 
     # -- text ---------------------------------------------------------------------------------
     def table(self) -> str:
@@ -76,6 +79,14 @@ class InspectReport:
                          f"GFLOPs/sample {t['flops_before'] / 1e9:.2f} -> {t['flops_after'] / 1e9:.2f}")
         else:
             lines.append(f"params {_count(t['params_before'])}; GFLOPs/sample {t['flops_before'] / 1e9:.2f}")
+        if "depth_after" in t and t["depth_after"] != t["depth_before"]:
+            kinds = {"parallel": "parallel pairs", "merge": "merged pairs", "drop": "dropped"}
+            parts = []
+            for form, word in kinds.items():
+                paths = [e["path"] for e in self.structure if e["form"] == form]
+                if paths:
+                    parts.append(f"{word} {', '.join(paths)}")
+            lines.append(f"depth {t['depth_before']} -> {t['depth_after']}: " + "; ".join(parts))
         for r in self.rules:
             lines.append(f"rule {r['name']}: matched {r['matched']}, selected {r['selected']}"
                          + (f", skipped {r['skipped']}" if r["skipped"] else ""))
@@ -87,6 +98,7 @@ class InspectReport:
     def to_json(self) -> dict:
         return {"model": self.model, "tracer": self.tracer, "trace_seconds": self.trace_seconds,
                 "totals": self.totals, "rules": self.rules, "regions": [asdict(r) for r in self.rows],
+                "structure": self.structure,
                 "block": self.block, "renderer": self.renderer}
 
     # -- HTML ---------------------------------------------------------------------------------
@@ -161,6 +173,8 @@ def inspect(model, rules=None, example_inputs=(), example_kwargs=None, *, name: 
         grafted: GraftedModule = splice(plan)
         flops_after = totals["flops_before"]
         for g in grafted.grafts:
+            if g.structural:
+                continue
             op = grafted.get_submodule(g.target)
             row = seen.get(id(g.region.output))
             if row is None:  # a user pattern's region
@@ -171,16 +185,87 @@ def inspect(model, rules=None, example_inputs=(), example_kwargs=None, *, name: 
             row.params_after = count_params(op)
             row.flops_after = module_flops(op, g.region.tokens or 1, g.region.width)
             flops_after += row.flops_after - row.flops
+        flops_after += _structure_rows(traced, grafted, seen, order)
+        blocks = [r for r in order if r.kind == "block"]
+        edits = list(getattr(grafted, "structure", []) or [])
         totals.update(params_after=count_params(grafted), flops_after=flops_after)
+        if blocks:
+            totals.update(depth_before=len(blocks), depth_after=len(blocks) - sum(
+                len(e.blocks) - (0 if e.form == "drop" else 1) for e in edits))
+        result.structure = [e.as_dict() for e in edits]
         result.rules = [{"name": o.rule.name, "pattern": o.rule.pattern, "operator": o.rule.operator,
                          "matched": len(o.report.regions), "selected": len(o.chosen), "skipped": len(o.skipped),
                          "selected_paths": [r.path for r in o.chosen]} for o in plan.outcomes]
         result.diff = "".join(difflib.unified_diff(traced.gm.code.splitlines(True), grafted.code.splitlines(True),
                                                    "before", "after", n=1))
-        if render and grafted.grafts:
+        edit = next(iter(getattr(grafted, "structure", []) or []), None)
+        if render and edit is not None:
+            result.block = edit.path
+            result.svg_before, result.renderer, result.svg_after = _structure_svgs(traced, grafted, edit)
+        elif render and grafted.grafts:
             block = block_prefix(grafted.grafts[0].region.path) or grafted.grafts[0].region.path
             result.block = block
             result.svg_before, result.renderer = render_svg(block_nodes(traced.graph, block), traced.gm, f"{block} (before)")
             result.svg_after, _ = render_svg(block_nodes(grafted.graph, block), grafted, f"{block} (after)")
     result.rows = [seen[id(r.output)] for r in order]
     return result
+
+
+def _structure_rows(traced, grafted, seen: dict, order: list) -> int:
+    """Mark the rows of restructured blocks (and of operators moved into a pair's module); return
+    the change in FLOPs/sample."""
+    from graftfx.match.match import match
+
+    edits = list(getattr(grafted, "structure", []) or [])
+    if not edits:
+        return 0
+    rows = {r.path: seen[id(r.output)] for r in order if r.kind == "block"}
+    for r in match(traced, "block").regions:
+        if r.path not in rows:
+            rows[r.path] = seen[id(r.output)] = RegionRow(r.path, r.kind, r.width, r.heads, r.hidden, r.tokens,
+                                                          r.params, r.flops)
+            order.append(r)
+    delta = 0
+    batch = traced.batch_size
+    for edit in edits:
+        before = sum(rows[b].flops for b in edit.blocks if b in rows)
+        if edit.form == "drop":
+            after, params = 0, 0
+        else:
+            module = grafted.get_submodule(edit.target)
+            after = graph_flops(module, batch)
+            for inner in edit.inner:
+                op = grafted.get_submodule(inner.target)
+                after += module_flops(op, inner.region.tokens or 1, inner.region.width)
+                row = seen.get(id(inner.region.output))
+                if row is not None:
+                    row.selected, row.rule, row.operator = True, inner.rule.name, f"{inner.operator} (in {edit.path})"
+                    row.params_after = count_params(op)
+                    row.flops_after = module_flops(op, inner.region.tokens or 1, inner.region.width)
+            params = count_params(module)
+        for i, path in enumerate(edit.blocks):
+            row = rows.get(path)
+            if row is None:
+                continue
+            row.selected, row.rule = True, edit.rule.name
+            row.operator = "dropped" if edit.form == "drop" else f"{edit.rule.operator} -> {edit.path}"
+            row.params_after = params if i == 0 else 0
+            row.flops_after = after if i == 0 else 0
+        delta += after - before
+    return delta
+
+
+def _structure_svgs(traced, grafted, edit) -> tuple[str, str, str]:
+    """(before svg, renderer, after svg) for one structural edit: the blocks as they were, then
+    the new block's own graph (a pair or merged block) or the neighbours a dropped block left."""
+    before = [n for b in edit.blocks for n in block_nodes(traced.graph, b)]
+    svg_before, renderer = render_svg(before, traced.gm, f"{' + '.join(edit.blocks)} (before)")
+    if edit.target:
+        module = grafted.get_submodule(edit.target)
+        nodes = [n for n in module.graph.nodes if n.op not in ("get_attr",)]
+        svg_after, _ = render_svg(nodes, module, f"{edit.path} (after: {edit.form} block {edit.target})")
+    else:
+        nodes = [n for n in grafted.graph.nodes if n.meta.get("graftfx_path", "").startswith(
+            edit.blocks[0].rsplit(".", 1)[0] + ".")][:60]
+        svg_after, _ = render_svg(nodes, grafted, f"{edit.path} dropped (after)")
+    return svg_before, renderer, svg_after

@@ -1,6 +1,9 @@
 """``splice(plan)``: replace each selected region by one ``call_module`` node of its new operator.
 
 The traced graph is copied first (the TracedGraph stays as it was, for before/after views).
+Operator rules are spliced first; structural rules (``graftfx.splice.structure``: parallel
+pairs, merged and dropped blocks) then rewrite the result, so an operator inside a parallel pair
+moves into the pair's module.
 Everything outside the regions keeps its nodes and its very weight tensors (shared with the
 original model, not copied). The new operator is installed under the region's own module path
 (``blocks.3.attn``), so the grafted state dict reads like the original one.
@@ -25,6 +28,7 @@ from graftfx.trace.ops import fetch_attr
 from graftfx.trace.tracer import DTYPE, PATH, SHAPE
 
 from ..select.select import Plan
+from .structure import apply_structure
 
 
 @dataclass
@@ -38,6 +42,11 @@ class Replacement:
     operator: str          # registry name
     config: dict           # dataclasses.asdict of the operator's config: every option, defaults included
 
+    @property
+    def structural(self) -> bool:
+        """A parallel pair or merged block (``graftfx.splice.structure``), not an operator."""
+        return self.rule.structural
+
     def as_dict(self) -> dict:
         r = self.region
         return {"rule": self.rule.name, "path": r.path, "kind": r.kind, "target": self.target,
@@ -50,10 +59,14 @@ class GraftedModule(fx.GraphModule):
     """A rewritten graph module that remembers its grafts.
 
     Same call signature as the original model. ``spliced_parameters()`` are the only
-    parameters stage-1 distillation trains.
+    parameters stage-1 distillation trains: every spliced operator's, and every parameter of a
+    parallel pair's or merged block's module (its own copies of the blocks' weights, operators
+    moved into it included, each once). Dropped blocks have none. ``structure`` lists the
+    structural edits (``graftfx.splice.structure.StructuralEdit``).
     """
 
     grafts: list[Replacement]
+    structure: list = []
 
     def spliced_modules(self) -> dict[str, nn.Module]:
         return {g.target: self.get_submodule(g.target) for g in self.grafts}
@@ -142,14 +155,27 @@ def splice(plan: Plan) -> GraftedModule:
     selected = plan.selected
     installed: dict[str, nn.Module] = {}
     records = []
+    moved: dict[fx.Node, fx.Node] = {}       # a replaced region's output -> its call_module node
     for rule, region in selected:
         op = build_operator(rule, region)
         target = _free_target(region.path or rule.name, graph, installed, {env[n] for n in region.nodes})
         node = _replace(graph, env, region, target, op)
+        if not region.extra_outputs:
+            moved[region.output] = node
         _drop_unused_attrs(graph)
         installed[target] = op
         records.append(Replacement(rule, region, target, node.name, rule.operator, dataclasses.asdict(op.config)))
     graph.lint()
+    edits = []
+    if plan.structural:
+        def lookup(target):
+            return installed[target] if target in installed else fetch_attr(traced.gm, target)
+
+        edits, records = apply_structure(plan, graph, env, moved, lookup, installed, records,
+                                         lambda path, replaced: _free_target(path, graph, installed, replaced),
+                                         Replacement)
+        _drop_unused_attrs(graph)
+        graph.lint()
 
     root: dict[str, object] = {}
     for node in graph.nodes:
@@ -157,6 +183,7 @@ def splice(plan: Plan) -> GraftedModule:
             root[node.target] = installed[node.target] if node.target in installed else fetch_attr(traced.gm, node.target)
     gm = GraftedModule(root, graph, class_name=type(traced.model).__name__ + "Grafted")
     gm.grafts = records
+    gm.structure = edits
     gm.rules = plan.rules
     gm.tracer = traced.tracer
     gm.input_spec = describe_inputs(traced.args, traced.kwargs)
@@ -235,6 +262,8 @@ def describe_inputs(args: tuple, kwargs: dict) -> dict:
     def one(v):
         if isinstance(v, torch.Tensor):
             return {"tensor": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+        if isinstance(v, dict) and any(isinstance(u, torch.Tensor) for u in v.values()):
+            return {"dict": {str(k): one(u) for k, u in v.items()}}   # tensors in a dict, one level deep
         return {"value": v}
     return {"args": [one(a) for a in args], "kwargs": {k: one(v) for k, v in kwargs.items()}}
 
@@ -242,6 +271,8 @@ def describe_inputs(args: tuple, kwargs: dict) -> dict:
 def make_inputs(spec: dict) -> tuple[tuple, dict]:
     """Example inputs from ``describe_inputs``: floats random, integers zero (valid indices)."""
     def one(d):
+        if "dict" in d:
+            return {k: one(u) for k, u in d["dict"].items()}
         if "tensor" in d:
             dtype = getattr(torch, d["dtype"])
             if dtype.is_floating_point:
