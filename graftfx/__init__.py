@@ -24,6 +24,15 @@ from .select import Plan, select  # noqa: E402
 from .splice import GraftedModule, splice  # noqa: E402
 from .trace import TracedGraph, trace  # noqa: E402
 
-__all__ = ["graft", "plan", "inspect", "explain", "export_grafted", "load_grafted", "trace", "match", "match_all", "select", "splice", "load_rules", "Rule",
+__all__ = ["graft", "plan", "inspect", "explain", "export_grafted", "load_grafted", "GraftedTransformer",
+           "load_grafted_transformer", "graft_transformer", "trace", "match", "match_all", "select", "splice", "load_rules", "Rule",
            "RuleSet", "Select", "Region", "MatchReport", "Candidate", "Plan", "GraftedModule",
            "TracedGraph", "GraftError", "__version__"]
+
+
+def __getattr__(name):   # the diffusers pipeline component imports diffusers: only when asked for
+    if name in ("GraftedTransformer", "load_grafted_transformer", "graft_transformer"):
+        from .export import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -143,7 +143,7 @@ def _explain_args(p):
          "List the rule files bundled in rewrites/rules/, the registered region patterns and the "
          "replacement operators with the region kinds they replace and their options.")
 def cmd_rules(args) -> int:
-    from graftfx.registry import operators, patterns
+    from graftfx.registry import operators, patterns, structurals
     from graftfx.rules import builtin_rule_files, load_rules
 
     print("rule files:")
@@ -160,6 +160,10 @@ def cmd_rules(args) -> int:
     for name, spec in operators().items():
         opts = ", ".join(spec.option_names()) or "-"
         print(f"  {name:18s} replaces {'/'.join(spec.kinds):28s} loss {spec.loss:5s} options: {opts}")
+    print('\nstructural operators (pattern = "block"; docs/structural.md):')
+    for name, spec in structurals().items():
+        opts = ", ".join(spec.option_names()) or "-"
+        print(f"  {name:18s} {spec.form:8s} loss {spec.loss:5s} options: {opts}  {spec.description}")
     return 0
 
 
@@ -201,7 +205,7 @@ def _register_extensions() -> None:
     import importlib
 
     for module in ("graftfx.distill.cli", "graftfx.bench.cli", "graftfx.eval.cli", "graftfx.pretrain.cli",
-                   "graftfx.study.cli", "graftfx.demo"):
+                   "graftfx.study.cli", "graftfx.data.cli", "graftfx.sample.cli", "graftfx.demo"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -80,3 +80,17 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def test_pause(env: str, at: int) -> None:
+    """Tests only: when the environment variable ``env`` is ``"K:MARKER"`` and ``at == K``, create
+    MARKER (holding this pid) and sleep, so a test can SIGKILL the process right there. Once: not
+    when MARKER exists already (a rerun goes on)."""
+    import time
+
+    spec = os.environ.get(env)
+    if spec:
+        k, marker = spec.split(":", 1)
+        if int(k) == at and not Path(marker).exists():
+            Path(marker).write_text(f"{os.getpid()}\n", encoding="utf-8")
+            time.sleep(600)

@@ -5,7 +5,10 @@ Layout of a cache folder::
     index.json                      samples, shard size, dtype, calibration seed, the teacher's
                                     weight hash and the data's hash; per region: folder, tap
                                     (the graph nodes recorded) and field shapes; per shard: sha256
-    r000/shard-00000.safetensors    tensors "input", "output" (and "context"), rows = samples
+    r000/shard-00000.safetensors    tensors "input", "output" (and "context", "in:mask", ...,
+                                    "out:context": the region's per-sample extras), rows = samples
+    r000/constants.safetensors      extra inputs that are the same for every sample (a
+                                    relative-position bias, rotary tables), once
 
 What a cache holds depends on the teacher's weights, the data, the calibration seed and count,
 and the graph nodes each region's input and output are read at, never on the rules: one cache
@@ -45,15 +48,25 @@ import torch
 from tqdm.auto import tqdm
 
 from graftfx.errors import GraftError
-from graftfx.io import atomic_path, atomic_write_json, file_sha256
+from graftfx.io import atomic_path, atomic_write_json, file_sha256, test_pause
 
 from .calibration import CalibrationSet
 from .record import Tap, record
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
-_NP = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
-_TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.bool: "BOOL", torch.int64: "I64",
+       torch.int32: "I32"}
+_NP = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "BOOL": np.bool_, "I64": np.int64, "I32": np.int32}
+_TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "BOOL": torch.bool, "I64": torch.int64,
+          "I32": torch.int32}
+CONSTANTS = "constants.safetensors"
+
+
+def stored(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A recorded value in the cache's storage dtype (masks and integer tensors keep theirs)."""
+    if value.is_floating_point():
+        return value.to(dtype)
+    return value if value.dtype in _ST else value.to(torch.int64)
 INDEX = "index.json"
 LOCK = ".lock"
 FORMAT = 2
@@ -108,6 +121,15 @@ class Shard:
 
     def rows(self, name: str, idx: np.ndarray) -> torch.Tensor:
         return _as_torch(self.rows_np(name, idx), self.header[name]["dtype"])
+
+    def full(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name`` (small ones: a region's constants)."""
+        meta = self.header[name]
+        with open(self.path, "rb") as f:
+            f.seek(self.base + meta["data_offsets"][0])
+            raw = f.read(meta["data_offsets"][1] - meta["data_offsets"][0])
+        array = np.frombuffer(raw, dtype=_NP[meta["dtype"]]).reshape(meta["shape"]).copy()
+        return _as_torch(array, meta["dtype"])
 
     def rows_np(self, name: str, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` (sorted ascending reads best) of tensor ``name``, copied out of a mapping
@@ -179,13 +201,7 @@ def field_shapes(traced, taps: list[Tap]) -> dict[str, dict[str, list[int]]]:
     from graftfx.trace.tracer import SHAPE
 
     nodes = {n.name: n for n in traced.graph.nodes}
-    out = {}
-    for t in taps:
-        fields = {"input": t.input, "output": t.output}
-        if t.context:
-            fields["context"] = t.context
-        out[t.path] = {k: list(nodes[v].meta[SHAPE][1:]) for k, v in fields.items()}
-    return out
+    return {t.path: {k: list(nodes[v].meta[SHAPE][1:]) for k, v in t.fields().items()} for t in taps}
 
 
 def data_fingerprint(*tensors: torch.Tensor) -> str:
@@ -199,7 +215,12 @@ def data_fingerprint(*tensors: torch.Tensor) -> str:
 
 
 def tap_record(tap: Tap) -> dict:
-    return {"input": tap.input, "output": tap.output, "context": tap.context}
+    out = {"input": tap.input, "output": tap.output, "context": tap.context}
+    if tap.extras:
+        out["extras"] = {k: [n, k in tap.batched] for k, n in tap.extras}
+    if tap.extra_outputs:
+        out["extra_outputs"] = dict(tap.extra_outputs)
+    return out
 
 
 def human_bytes(n: float) -> str:
@@ -289,11 +310,20 @@ def _write_cache(folder: Path, traced, taps, calib, spec, *, batch_size, progres
     for k in todo:
         start, stop = k * spec.shard_size, min(spec.samples, (k + 1) * spec.shard_size)
         parts: dict[str, dict[str, list[torch.Tensor]]] = {t.path: {} for t in taps}
+        constants: dict[str, dict[str, torch.Tensor]] = {t.path: {} for t in taps}
         for b in range(start, stop, batch_size):
-            x, t, y = calib.batch(range(b, min(stop, b + batch_size)))
-            for path, fields in record(traced, taps, (x, t, y)).items():
-                for name, value in fields.items():
-                    parts[path].setdefault(name, []).append(value.to(dtype))
+            args, kwargs = calib.call(range(b, min(stop, b + batch_size)))
+            recorded = record(traced, taps, args, kwargs)
+            for tap in taps:
+                fixed = tap.constants()
+                for name, value in recorded[tap.path].items():
+                    if name in fixed:
+                        _keep_constant(constants[tap.path], name, stored(value, dtype), tap.path)
+                    else:
+                        parts[tap.path].setdefault(name, []).append(stored(value, dtype))
+        for path, values in constants.items():
+            if values:
+                _write_constants(folder, index, path, values)
         for path, fields in parts.items():
             entry = index["regions"][path]
             rel = f"{entry['dir']}/shard-{k:05d}.safetensors"
@@ -315,13 +345,48 @@ def _write_cache(folder: Path, traced, taps, calib, spec, *, batch_size, progres
     return folder
 
 
+def _keep_constant(kept: dict, name: str, value: torch.Tensor, path: str) -> None:
+    if name not in kept:
+        kept[name] = value
+    elif kept[name].shape != value.shape or not torch.equal(kept[name], value):
+        raise GraftError(f"region {path}: extra input {name[3:]!r} has no batch dimension but differs between "
+                         "calibration batches; graftfx cannot cache it (use --online, or report the model)")
+
+
+def _write_constants(folder: Path, index: dict, path: str, values: dict[str, torch.Tensor]) -> None:
+    """A region's constant extras, once: the file of an earlier (interrupted) run must hold the same."""
+    entry = index["regions"][path]
+    rel = f"{entry['dir']}/{CONSTANTS}"
+    have = index.setdefault("constants", {}).get(path)
+    if have is not None and (folder / rel).exists():
+        old = _read_constants(folder, path, have)
+        for name, value in values.items():
+            if name not in old or not torch.equal(old[name], value):
+                raise GraftError(f"cache {folder}: region {path}'s {name[3:]!r} differs from the one recorded "
+                                 "before; use a new --cache folder or delete this one")
+        return
+    try:
+        (folder / entry["dir"]).mkdir(exist_ok=True)
+        sha = write_shard(folder / rel, values)
+    except OSError as e:
+        raise _disk_error(e, folder, folder / rel) from None
+    index["constants"][path] = {"file": rel, "sha256": sha}
+
+
+def _read_constants(folder: Path, path: str, entry: dict) -> dict[str, torch.Tensor]:
+    file = (folder / entry["file"]).resolve()
+    if not file.is_relative_to(folder.resolve()) or not file.exists():
+        raise GraftError(f"cache {folder}: the constants of {path} ({entry['file']}) are missing; record the cache "
+                         "again")
+    if file_sha256(file) != entry["sha256"]:
+        raise GraftError(f"cache file {file} is corrupted (checksum mismatch); delete the cache folder and record "
+                         "it again")
+    shard = Shard(file)
+    return {name: shard.full(name) for name in shard.header if name != "__metadata__"}
+
+
 def _pause(k: int) -> None:
-    spec = os.environ.get(PAUSE_ENV)
-    if spec:
-        at, marker = spec.split(":", 1)
-        if int(at) == k and not Path(marker).exists():
-            Path(marker).write_text(f"{os.getpid()}\n", encoding="utf-8")
-            time.sleep(600)
+    test_pause(PAUSE_ENV, k)
 
 
 def _save_index(folder: Path, index: dict) -> None:
@@ -383,6 +448,11 @@ def _index_ok(index: dict) -> bool:
         if not (isinstance(entry, dict) and isinstance(entry.get("dir"), str) and isinstance(entry.get("fields"), dict)
                 and all(isinstance(v, list) and all(count(d) for d in v) for v in entry["fields"].values())):
             return False
+    constants = index.get("constants", {})
+    if not isinstance(constants, dict) or not set(constants) <= set(regions) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
+            for e in constants.values()):
+        return False
     for items in shards.values():
         if not isinstance(items, list):
             return False
@@ -438,6 +508,7 @@ class ActivationCache:
         self.samples = int(self.index["samples"])
         self.paths = [t.path for t in taps] if taps else list(regions)
         self._shards: dict[str, Shard] = {}
+        self._fixed: dict[str, dict[str, torch.Tensor]] = {}
 
     def _shard(self, entry: dict, path: str) -> Shard:
         name = entry["file"]
@@ -469,12 +540,12 @@ class ActivationCache:
         order = np.argsort(idx, kind="stable")
         ordered = idx[order]
         unsort = np.argsort(order, kind="stable")
-        st_dtype = _ST[DTYPES[self.index["dtype"]]]
         bounds = np.flatnonzero(np.diff(ordered // size)) + 1
         out = {}
         for path in paths or self.paths:
             entries = {s["index"]: s for s in self.index["shards"][path]}
             parts: dict[str, list[np.ndarray]] = {f: [] for f in self.index["regions"][path]["fields"]}
+            kinds: dict[str, str] = {}
             for group in np.split(ordered, bounds):
                 if not group.size:
                     continue
@@ -485,9 +556,66 @@ class ActivationCache:
                 shard = self._shard(entries[k], path)
                 for f in parts:
                     parts[f].append(shard.rows_np(f, group - k * size))
+                    kinds[f] = shard.header[f]["dtype"]
             # gather in numpy: torch's CPU cat/indexing of float16 is a slow path
-            out[path] = {f: _as_torch(np.concatenate(v)[unsort], st_dtype) for f, v in parts.items()}
+            out[path] = {f: _as_torch(np.concatenate(v)[unsort], kinds[f]) for f, v in parts.items()}
+            out[path].update(self._constants(path))
         return out
+
+    def index_of(self, path: str) -> dict:
+        """The index entry of region ``path`` (its folder, tap and per-sample fields)."""
+        return self.index["regions"][path]
+
+    def _constants(self, path: str) -> dict[str, torch.Tensor]:
+        entry = self.index.get("constants", {}).get(path)
+        if entry is None:
+            return {}
+        if path not in self._fixed:
+            self._fixed[path] = _read_constants(self.folder, path, entry)
+        return self._fixed[path]
+
+
+class ShardedCache:
+    """Several cache folders read as one: each region from the folder that holds it (a rank's own
+    cache, or one an earlier run with another world size left where this rank can see it)."""
+
+    def __init__(self, caches: dict[str, ActivationCache]):
+        self.by_path = caches
+        counts = {c.samples for c in caches.values()}
+        if len(counts) > 1:
+            raise GraftError(f"cache folders hold different sample counts {sorted(counts)}; record them with one "
+                             "--samples")
+        self.samples = counts.pop() if counts else 0
+        self.paths = list(caches)
+
+    def index_of(self, path: str) -> dict:
+        return self.by_path[path].index_of(path)
+
+    def batch(self, indices, paths=None) -> dict[str, dict[str, torch.Tensor]]:
+        out = {}
+        for path in paths or self.paths:
+            out.update(self.by_path[path].batch(indices, paths=[path]))
+        return out
+
+
+def find_cached(root: Path, taps: list[Tap], **expect) -> dict[str, ActivationCache]:
+    """The complete cache folders under ``root`` (``root`` itself and its sub-folders) that hold
+    some of ``taps`` recorded as asked (same nodes, teacher, data, seed, samples): region path ->
+    the cache to read it from. Folders that do not match are skipped, never an error."""
+    found: dict[str, ActivationCache] = {}
+    folders = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+    for folder in folders:
+        if not (folder / INDEX).exists():
+            continue
+        try:
+            cache = ActivationCache(folder, **expect)
+        except GraftError:
+            continue
+        for tap in taps:
+            entry = cache.index["regions"].get(tap.path)
+            if tap.path not in found and entry is not None and entry.get("tap") == tap_record(tap):
+                found[tap.path] = cache
+    return found
 
 
 class OnlineTeacher:
@@ -506,7 +634,7 @@ class OnlineTeacher:
 
     def batch(self, indices, paths=None) -> dict[str, dict[str, torch.Tensor]]:
         taps = [t for t in self.taps if paths is None or t.path in paths]
-        x, t, y = self.calib.batch(list(indices))
-        got = record(self.traced, taps, (x, t, y))
+        args, kwargs = self.calib.call(list(indices))
+        got = record(self.traced, taps, args, kwargs)
         # in the storage dtype, as a cache returns them
-        return {p: {f: v.to(self.dtype) for f, v in fields.items()} for p, fields in got.items()}
+        return {p: {f: stored(v, self.dtype) for f, v in fields.items()} for p, fields in got.items()}

@@ -31,7 +31,7 @@ def _distill(args) -> int:
     from graftfx.models.zoo import resolve_model
     from graftfx.rules import load_rules
 
-    from .pipeline import DistillSettings, load_data, run_distill
+    from .pipeline import DistillSettings, run_distill
     from .stage1 import Stage1Config
     from .stage2 import Stage2Config
 
@@ -53,28 +53,103 @@ def _distill(args) -> int:
     if args.loss:
         for r in rules:
             r.loss = args.loss
-    latents, labels = load_data(args.data)
+    if args.plan:
+        return _plan(args, rules, settings)
+    data = _data(args)
     model, ex_args, ex_kwargs = resolve_model(args.model, meta=False, batch=2, seed=args.seed)
-    if ex_kwargs:
-        raise GraftError(f"distill trains class-conditional DiTs called as model(x, t, y); {args.model} is not one")
-    run_distill(model, ex_args, rules, latents, labels, args.out, settings, model_id=args.model, resume=args.resume,
-                progress=not args.no_progress)
+    if ex_kwargs or args.inputs:   # a keyword model: traced as its pipeline calls it, fed through its adapter
+        from graftfx.models.adapters import adapter_for
+
+        if args.inputs:
+            _, ex_kwargs = data["ready"].call(range(2))
+            ex_args = ()
+        else:
+            adapter = adapter_for(model)
+            sizes = {"text_length": int(data["conditioning"]["embeddings"].shape[1])} if "conditioning" in data else {}
+            ex_args, ex_kwargs = adapter.example(model, 2, shape=tuple(data["latents"].shape[1:]), **sizes)
+    run_distill(model, ex_args, rules, data.pop("latents"), data.pop("labels"), args.out, settings,
+                example_kwargs=ex_kwargs, model_id=args.model, resume=args.resume, progress=not args.no_progress,
+                **data)
     return 0
+
+
+def _plan(args, rules, settings) -> int:
+    """``--plan``: trace (on the meta device where the model allows), select, splice, and print the
+    estimate; nothing is recorded, trained or written."""
+    import os
+
+    from graftfx.models.zoo import resolve_model
+
+    from .pipeline import plan_distill
+
+    world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
+    from graftfx.cli import check_number
+
+    check_number("--world", world, lo=1, integer=True)
+    model, ex_args, ex_kwargs = resolve_model(args.model, meta=True, batch=2, seed=args.seed)
+    if ex_kwargs:
+        from graftfx.models.adapters import adapter_for
+
+        ex_args, ex_kwargs = adapter_for(model).example(model, 2)
+    from graftfx.rules import load_rules
+
+    print(plan_distill(model, ex_args, ex_kwargs, load_rules(rules), settings, world, model_id=args.model)["text"])
+    return 0
+
+
+def _data(args) -> dict:
+    """Latents, labels and the rest of what distill_plan takes, from --data/--captions/--scheduler/--inputs."""
+    from graftfx.models.adapters import NoiseSchedule, ReadyInputs
+
+    from .pipeline import load_data
+
+    if args.inputs:
+        ready = ReadyInputs(args.inputs, fixed={"return_dict": False})
+        return {"latents": None, "labels": None, "ready": ready}
+    captions = None
+    if args.captions:
+        from graftfx.data.encode import load_caption_embeddings
+
+        captions = load_caption_embeddings(args.captions)
+    latents, labels = load_data(args.data, labels=captions is None)
+    out = {"latents": latents, "labels": labels}
+    if captions is not None:
+        out["conditioning"] = {"embeddings": captions["embeddings"].float(), "mask": captions["mask"]}
+    if args.scheduler:
+        out["schedule"] = NoiseSchedule.from_folder(args.scheduler)
+    return out
 
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("rules", metavar="RULES.toml", help="rule file (path or bundled name)")
-    p.add_argument("--model", required=True, help="teacher: a DiT preset (random weights), a checkpoint, or 'digits' "
-                                                  "(the bundled pretrained model)")
-    p.add_argument("--data", default="digits", help="'digits' (bundled) or a .safetensors/.pt file with tensors "
-                                                    "'latents' (N, C, H, W) and 'labels' (N,) (default: digits)")
+    p.add_argument("--model", required=True, help="teacher: a DiT preset (random weights), a checkpoint, 'digits' "
+                                                  "(the bundled pretrained model), or a diffusers transformer "
+                                                  "(diffusers:dit / pixart / FOLDER)")
+    p.add_argument("--data", default="digits", help="'digits' (bundled), a .safetensors/.pt file with tensors "
+                                                    "'latents' (N, C, H, W) and 'labels' (N,), or a latents folder "
+                                                    "written by 'graftfx data latents' (default: digits)")
+    p.add_argument("--captions", metavar="FILE", help="text-conditioned models (PixArt): caption embeddings + masks "
+                                                      "written by 'graftfx data captions', one row per latent")
+    p.add_argument("--scheduler", metavar="FOLDER", help="the noise schedule and prediction type (epsilon, "
+                                                         "v_prediction, flow matching) from a diffusers pipeline or "
+                                                         "scheduler folder (default: DDPM linear, 1000 steps, epsilon)")
+    p.add_argument("--inputs", metavar="FILE", help="ready calibration inputs instead of --data: a safetensors file "
+                                                    "of tensors named as the model's forward keywords, one row per "
+                                                    "sample (stage 1 only)")
     p.add_argument("--out", required=True, help="output folder: cache/, stage1/, stage2/, grafted/ (export)")
     p.add_argument("--stage", choices=["1", "2", "both"], default="both", help="which stages to run (default: both)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--cache", metavar="DIR", help="teacher activation cache folder (default: OUT/cache); an "
-                                                    "interrupted write continues on rerun")
+                                                    "interrupted write continues on rerun. Under torchrun each rank "
+                                                    "records only its regions into DIR/rankR-of-W and reuses any "
+                                                    "matching folder it finds under DIR; DIR may be node-local "
+                                                    "('{rank}' in it becomes the rank)")
     src.add_argument("--online", action="store_true", help="compute teacher activations on the fly (no disk)")
-    p.add_argument("--resume", action="store_true", help="continue stage 1/2 from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue stage 1/2 from the last checkpoint in --out "
+                                                         "(automatic in a run torchrun --max-restarts restarted)")
+    p.add_argument("--plan", action="store_true", help="print what the run will spend (each rank's regions, cache "
+                                                       "bytes, peak host/device memory, teacher FLOPs) and stop")
+    p.add_argument("--world", type=int, help="with --plan: the world size to plan for (default: WORLD_SIZE or 1)")
     g = p.add_argument_group("teacher activations")
     g.add_argument("--samples", type=int, default=1024, help="calibration samples: noised data at t~U{0..999} "
                                                              "(paper: 8000; default %(default)s)")

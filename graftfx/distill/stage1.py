@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from graftfx.errors import GraftError
 from graftfx.match.paths import short_name
+from graftfx.match.region import feature_of
 from graftfx.training import CheckpointStore, Metrics, lr_lambda, plot_curves, restore_rng, rng_state, run_steps
 
 LOSSES = ("l1", "l2", "huber")
@@ -85,11 +86,16 @@ def checkpoint_root(out_dir, rank: int = 0, world: int = 1) -> Path:
 
 
 def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, resume: bool = False,
-                 rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
+                 rank: int = 0, world: int = 1, device=None, progress: bool = True, assignment=None,
+                 groups: dict | None = None) -> dict:
     """Train ``jobs`` on batches from ``source`` (an ActivationCache or OnlineTeacher).
 
-    With ``world`` > 1, rank r trains jobs r, r+world, ...; every rank draws the same batch
-    indices, so the result equals a single-process run with the same seed. Each rank writes its
+    With ``world`` > 1, rank r trains the jobs ``assignment`` (``graftfx.distill.assign``) gives it
+    (default: jobs r, r+world, ...); every rank draws the same batch indices, so the result equals
+    a single-process run with the same seed. A region trained by a group of ranks (``groups``:
+    region path -> its process group) gives each rank an equal slice of the batch and averages
+    the gradients in the group: the single-process result up to the order of fp32 sums. Resuming
+    under torchrun, the ranks agree on the newest step every rank has. Each rank writes its
     own checkpoints (``checkpoint_root``): ``step-N/params.safetensors`` (its operators' weights by
     grafted-model key), ``step-N/train.safetensors`` (optimizer, scheduler, sampler and RNG
     state), ``step-N/state.json``. ``resume`` continues from the newest complete one (a
@@ -98,7 +104,16 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
     """
     out = Path(out_dir)
     store = CheckpointStore(checkpoint_root(out, rank, world))
-    mine = [j for i, j in enumerate(jobs) if i % world == rank]
+    if assignment is None:
+        mine = [j for i, j in enumerate(jobs) if i % world == rank]
+        slices = {j.path: (0, 1) for j in mine}
+    else:
+        mine = [j for j in jobs if rank in assignment.groups.get(j.path, ())]
+        slices = {j.path: assignment.group_index(j.path, rank) for j in mine}
+    groups = groups or {}
+    if cfg.batch_size % max(n for _, n in slices.values()) if slices else False:
+        raise GraftError(f"stage 1 batch {cfg.batch_size} does not split over the {max(n for _, n in slices.values())} "
+                         "ranks that train one region; fix: pass a --batch1 divisible by it")
     paths = [j.path for j in mine]
     device = torch.device(device) if device is not None else _device_of(mine)
     opts, scheds = {}, {}
@@ -112,7 +127,7 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
     last = {p: float("nan") for p in paths}
     start = 0
     if resume:
-        ckpt = store.require()
+        ckpt = _agreed_checkpoint(store, world)
         start = _load(ckpt, mine, opts, scheds, sampler)
         last.update({p: v for p, v in ckpt.meta.get("losses", {}).items() if p in last})
     else:
@@ -120,24 +135,36 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
     metrics.start(start if resume else None)
     autocast = device.type == "cuda" and cfg.autocast
 
+    rowwise = {p: set(_row_fields(source, p)) for p in paths}
+
     def step(i: int) -> dict[str, float]:
         idx = torch.randint(source.samples, (cfg.batch_size,), generator=sampler).tolist()
         batch = source.batch(idx, paths=paths)
         values = {}
         for job in mine:
+            pos, size = slices[job.path]
             fields = batch[job.path]
-            x, y = fields["input"].to(device).float(), fields["output"].to(device).float()
-            args = (x, fields["context"].to(device).float()) if "context" in fields else (x,)
+            if size > 1:   # this rank's slice of the batch (constant fields have no batch dimension)
+                n = cfg.batch_size // size
+                fields = {k: v[pos * n:(pos + 1) * n] if k in rowwise[job.path] else v for k, v in fields.items()}
+            args, kwargs, targets = job_inputs(job, fields, device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                pred = job.module(*args)
-            loss = loss_fn(job.loss, pred.float(), y, cfg.huber_delta)
-            value = loss.item()
+                pred = job.module(*args, **kwargs)
+            preds = pred if isinstance(pred, tuple) else (pred,)
+            if len(preds) != len(targets):
+                raise GraftError(f"{job.target} returned {len(preds)} outputs but its region {job.path} has "
+                                 f"{len(targets)}; the operator must return one tensor per region output")
+            loss = sum(loss_fn(job.loss, p.float(), y, cfg.huber_delta) for p, y in zip(preds, targets))
+            group = groups.get(job.path) if size > 1 else None
+            value = _group_mean(loss.detach(), group, size).item()
             values[f"loss/{job.path}"] = value
             if not math.isfinite(value):
                 continue  # never applied: the loop stops the run after this step
             opt = opts[job.path]
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if group is not None:
+                _average_gradients(job.module, group, size)
             nn.utils.clip_grad_norm_(job.module.parameters(), cfg.grad_clip)
             opt.step()
             scheds[job.path].step()
@@ -161,6 +188,77 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
     if rank == 0:
         plot_curves(metrics.path, out / "stage1-loss.png", "stage 1: per-region loss")
     return {"losses": last, "steps": max(cfg.steps, start), "checkpoint": str(store.require("stage 1").folder)}
+
+
+def job_inputs(job: RegionJob, fields: dict[str, torch.Tensor], device) -> tuple[tuple, dict, list[torch.Tensor]]:
+    """The operator's call on one batch of its region's teacher fields, as the splicer wires it:
+    input (and context) positionally, the extra inputs its ``takes`` allows as keywords; and
+    the targets: the output, then the extra outputs in the region's order."""
+    def dev(v: torch.Tensor) -> torch.Tensor:
+        v = v.to(device)
+        return v.float() if v.is_floating_point() else v
+
+    takes = getattr(job.module, "takes", frozenset())
+    args = (dev(fields["input"]),) + ((dev(fields["context"]),) if "context" in fields else ())
+    kwargs = {k[3:]: dev(v) for k, v in fields.items() if k.startswith("in:") and feature_of(k[3:]) in takes}
+    targets = [dev(fields["output"])] + [dev(v) for k, v in fields.items() if k.startswith("out:")]
+    return args, kwargs, targets
+
+
+def _row_fields(source, path: str) -> list[str]:
+    """The fields of ``path`` that have a row per sample (a cache's shard fields; online: all
+    but the tap's constants)."""
+    index = getattr(source, "index_of", None)
+    if index is not None:
+        return list(index(path)["fields"])
+    tap = next((t for t in getattr(source, "taps", ()) if t.path == path), None)
+    return list(tap.fields()) if tap is not None else ["input", "output", "context"]
+
+
+def _group_mean(value: torch.Tensor, group, size: int) -> torch.Tensor:
+    if group is None:
+        return value
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value, group=group)
+    return value / size
+
+
+def _average_gradients(module: nn.Module, group, size: int) -> None:
+    """Mean of the group's gradients (each rank's loss is the mean over its equal slice, so the
+    mean of the slices' gradients is the full batch's)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _agreed_checkpoint(store: CheckpointStore, world: int):
+    """The checkpoint to resume from: the newest; under torchrun, the newest step every rank has
+    (a rank killed mid-run may be one checkpoint behind the others)."""
+    ckpt = store.require()
+    if world == 1:
+        return ckpt
+    import torch.distributed as dist
+
+    step = torch.tensor([ckpt.step], dtype=torch.long)
+    dist.all_reduce(step, op=dist.ReduceOp.MIN)
+    if int(step) == ckpt.step:
+        return ckpt
+    older = store.at(int(step))
+    if older is None:
+        raise GraftError(f"stage 1 resume: the ranks' newest common checkpoint is step {int(step)}, which "
+                         f"{store.root} no longer holds (it has {store.steps()}); start again without --resume")
+    return older
 
 
 def _device_of(jobs) -> torch.device:

@@ -98,8 +98,9 @@ def has_checkpoint(out_dir) -> bool:
     return CheckpointStore(checkpoint_root(out_dir)).latest() is not None
 
 
-def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, cfg: Stage2Config, out_dir, *,
-                 resume: bool = False, rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
+def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor | None, cfg: Stage2Config, out_dir, *,
+                 resume: bool = False, rank: int = 0, world: int = 1, device=None, progress: bool = True,
+                 adapter=None, base=None, conditioning: dict | None = None, schedule=None) -> dict:
     """Finetune ``grafted`` (in place). Returns {"loss": last loss, "ema": {name: tensor}, "steps": n,
     "checkpoint": the newest step folder}.
 
@@ -108,7 +109,17 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
     (optimizer, scheduler, sampler and RNG state; not under FSDP, whose runs do not resume) and
     ``step-N/state.json``. ``resume`` continues from the newest complete one (a GraftError when
     there is none); a run without it starts over and removes the old checkpoints.
+
+    ``adapter`` (``graftfx.models.adapters``; ``base`` the model it reads its config from): how to
+    call a model that is not graftfx's DiT, with ``conditioning`` (per-latent tensors) and the
+    loss of ``schedule``'s prediction type (epsilon, v-prediction or flow matching) on the first
+    C output channels. Without it (graftfx's DiT): DiT's loss, eps-MSE + the learned-variance term.
     """
+    from graftfx.models.adapters import GraftfxDiTAdapter, NoiseSchedule
+
+    generic = adapter is not None and not isinstance(adapter, GraftfxDiTAdapter)
+    schedule = schedule or NoiseSchedule()
+    conditioning = dict(conditioning or {})
     out = Path(out_dir)
     store = CheckpointStore(checkpoint_root(out))
     fsdp = world > 1 and cfg.parallel == "fsdp"
@@ -155,15 +166,42 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
     autocast = device.type == "cuda" and cfg.autocast
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
+    def generic_terms(idx, drop, t, noise, x0) -> dict[str, torch.Tensor]:
+        """Any adapter's model: its call, its prediction (first C channels), its schedule's target."""
+        cond = {k: v[idx[mine]].to(device) for k, v in conditioning.items()}
+        if labels is not None:
+            cond["labels"] = labels[idx[mine]].to(device)
+        cond = adapter.null_conditioning(cond, drop[mine], base)
+        x_t = schedule.add_noise(x0, t, noise)
+        args, kwargs = adapter.inputs(base, x_t, t, cond)
+        channels = x0.shape[1]
+        pred = adapter.prediction(base, model(*args, **kwargs), channels).float()
+        terms = {}
+        if cfg.objective in ("diffusion", "both"):
+            terms["diffusion"] = F.mse_loss(pred, schedule.target(x0, t, noise).float())
+        if cfg.objective in ("distill", "both"):
+            with torch.no_grad():
+                target = adapter.prediction(base, teacher(*args, **kwargs), channels)
+            terms["distill"] = cfg.distill_weight * F.mse_loss(pred, target.float())
+        return terms
+
     def step(i: int) -> dict[str, float]:
-        nonlocal last
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=sampler)
         drop = torch.rand(cfg.batch_size, generator=sampler) < cfg.class_dropout
-        t = torch.randint(diffusion.num_timesteps, (cfg.batch_size,), generator=sampler)
+        if generic:
+            t = schedule.draw(sampler, cfg.batch_size)
+        else:
+            t = torch.randint(diffusion.num_timesteps, (cfg.batch_size,), generator=sampler)
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=sampler)
-        x0, y = latents[idx[mine]].to(device).float(), labels[idx[mine]].to(device)
-        y = torch.where(drop[mine].to(device), torch.full_like(y, cfg.num_classes), y)
+        x0 = latents[idx[mine]].to(device).float()
         t, noise = t[mine].to(device), noise[mine].to(device)
+        if generic:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                terms = generic_terms(idx, drop, t, noise, x0)
+                loss = sum(terms.values())
+            return apply(loss, terms)
+        y = labels[idx[mine]].to(device)
+        y = torch.where(drop[mine].to(device), torch.full_like(y, cfg.num_classes), y)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             terms = {}
             if cfg.objective in ("diffusion", "both"):
@@ -174,6 +212,10 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor, 
                     target = teacher(x_t, t, y)
                 terms["distill"] = cfg.distill_weight * F.mse_loss(model(x_t, t, y).float(), target.float())
             loss = sum(terms.values())
+        return apply(loss, terms)
+
+    def apply(loss, terms) -> dict[str, float]:
+        nonlocal last
         values = {"loss/total": loss.item(), **{f"loss/{k}": v.item() for k, v in terms.items()}}
         if not math.isfinite(values["loss/total"]):
             return values  # never applied: the loop stops the run

@@ -21,7 +21,7 @@ leaves it one checkpoint behind, and a missing or stale pointer costs nothing). 
 ROOT (per-rank runs give each rank its own ROOT).
 
 Tests only: ``GRAFTFX_TEST_CHECKPOINT_PAUSE=STEP:POINT:MARKER`` makes the writer of step STEP
-create the file MARKER and sleep at POINT (``files``: between the first and second file of the
+create the file MARKER and sleep at POINT (once: not when MARKER exists) (``files``: between the first and second file of the
 step folder; ``pointer``: after the rename, before ``latest.json``), so a test can SIGKILL it
 there.
 """
@@ -202,6 +202,10 @@ class CheckpointStore:
         detail = f" ({len(broken)} incomplete step folder(s) skipped: {', '.join(broken)})" if broken else ""
         raise GraftError(f"{what}: no complete checkpoint in {self.root}{detail}; fix: {fix}")
 
+    def at(self, step: int) -> Checkpoint | None:
+        """The complete checkpoint of ``step``, or None."""
+        return self._verify(step)
+
     def steps(self) -> list[int]:
         """The steps of the complete checkpoints, oldest first."""
         return [s for s, _ in sorted(self._step_folders()) if self._verify(s) is not None]
@@ -312,6 +316,6 @@ def _pause(step: int, point: str) -> None:
     if not spec:
         return
     at, where, marker = spec.split(":", 2)
-    if int(at) == step and where == point:
+    if int(at) == step and where == point and not Path(marker).exists():   # once: a restarted run goes on
         Path(marker).write_text(f"{os.getpid()}\n", encoding="utf-8")
         time.sleep(600)

@@ -112,3 +112,114 @@ def test_stage2_fsdp_follows_one_process_and_exports_a_loadable_model(single):
     with torch.no_grad():
         out, want = grafted(*x), single_export(*x)
     assert torch.isfinite(out).all() and torch.allclose(out, want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ scale-out (stage 1)
+STAGE1 = ["--stage", "1"]
+
+
+def _stage1_params(run) -> dict[str, torch.Tensor]:
+    """A run's stage-1 weights as exported (every rank's regions, gathered by collectives)."""
+    return load_file(str(run / "grafted" / "model.safetensors"))
+
+
+def test_four_ranks_with_four_node_local_caches_equal_one_process(single):
+    """As on 4 nodes without a shared filesystem: '{rank}' gives each rank its own cache root; each
+    root holds only its rank's regions, and the gathered weights equal the single process's."""
+    t = single
+    _run(_base(t) + ["--out", str(t / "four"), "--cache", str(t / "node{rank}")] + STAGE1, nproc=4)
+    one = CheckpointStore(t / "one" / "stage1" / "checkpoint").require().tensors("params")
+    got = _stage1_params(t / "four")
+    for k in one:
+        assert torch.equal(one[k], got[k]), k
+    held = []
+    for rank in range(4):
+        folders = sorted(p.name for p in (t / f"node{rank}").iterdir())
+        assert folders == [f"rank{rank}-of-4"], folders
+        regions = list(json.loads((t / f"node{rank}" / folders[0] / "index.json").read_text())["regions"])
+        assert len(regions) == 1, regions           # 4 regions of similar cost over 4 ranks: one each
+        held += regions
+    assert sorted(held) == ["blocks.1.attn", "blocks.1.mlp", "blocks.3.attn", "blocks.3.mlp"]
+
+
+THREE = """version = 1
+[[rule]]
+pattern = "self_attention"
+operator = "mha"
+select = { preset = "paper-50" }
+options = { init = "fresh" }
+[[rule]]
+pattern = "mlp"
+operator = "mlp"
+select = { indices = [3] }
+options = { ratio = 3 }
+"""
+
+
+def test_six_ranks_on_three_regions_train_data_parallel_like_one(single):
+    """More ranks than regions: each region is trained by a group of ranks, each on a slice of
+    the batch with gradients averaged in the group; the weights follow one process's within fp32
+    reduction order (the same ATOL argument as stage 2's, above)."""
+    t = single
+    (t / "three.toml").write_text(THREE)
+    argv = ["distill", str(t / "three.toml"), "--model", str(t / "teacher.safetensors")] + COMMON + STAGE1
+    argv[argv.index("--batch1") + 1] = "6"          # divisible by every group size (1..4)
+    _run(argv + ["--out", str(t / "three-one")])
+    res = _run(argv + ["--out", str(t / "three-six")], nproc=6)
+    groups = res.stdout[res.stdout.index("stage 1 ranks:"):].splitlines()[0]
+    assert groups.count("[") == 3 and all(f"{r}" in groups for r in range(6)), groups   # 3 groups over 6 ranks
+    one, six = _stage1_params(t / "three-one"), _stage1_params(t / "three-six")
+    start = load_file(str(t / "teacher.safetensors"))
+    trained = [k for k in one if k.startswith(("blocks.1.attn", "blocks.3.attn", "blocks.3.mlp"))]
+    assert len(trained) == 12
+    for k in trained:
+        diff = (one[k] - six[k]).abs()
+        if k.endswith("attn.qkv.bias"):
+            # the key bias has a gradient of exactly zero (softmax ignores a shift shared by all keys):
+            # what is left is rounding noise, which AdamW turns into steps of up to lr each, in either
+            # run; so it is held to steps x lr, and everything else to ATOL
+            width = diff.numel() // 3
+            assert diff[width:2 * width].max().item() <= 6 * 5e-4, k
+            diff = torch.cat([diff[:width], diff[2 * width:]])
+        assert diff.max().item() <= ATOL, k
+    moved = [k for k in trained if k not in start or start[k].shape != one[k].shape
+             or (one[k] - start[k]).abs().max().item() > 100 * ATOL]
+    assert len(moved) == len(trained)
+
+
+def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_ends_identical(single, tmp_path):
+    """SIGKILL one rank while it writes its step-6 checkpoint; torchrun --max-restarts 1 restarts
+    both ranks (a spare restart or two absorb a gloo connect race of a loaded machine), which agree on
+    the newest step both have (3) and finish with the weights of an
+    uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    t = single
+    marker = tmp_path / "paused"
+    env = {**os.environ, "GRAFTFX_TEST_CHECKPOINT_PAUSE": f"6:files:{marker}", "GRAFTFX_DIST_TIMEOUT": "45"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "3",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "graftfx"]
+    argv += _base(t) + ["--out", str(t / "killed")] + STAGE1
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert marker.exists(), "no rank reached the step-6 checkpoint"
+        time.sleep(0.3)
+        step3 = {p: p.stat().st_mtime_ns for p in (t / "killed" / "stage1" / "checkpoint").glob("rank*/step-0000003/*")}
+        os.kill(int(marker.read_text().strip()), signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Connection closed by peer" in err or "SIGKILL" in err or "-9" in err, err[-3000:]   # the kill landed
+    # resumed, not started over: a fresh start would have removed and rewritten the step-3 checkpoints
+    assert len(step3) >= 2 and all(p.stat().st_mtime_ns == m for p, m in step3.items())
+    one = CheckpointStore(t / "one" / "stage1" / "checkpoint").require().tensors("params")
+    got = _stage1_params(t / "killed")
+    for k in one:
+        assert torch.equal(one[k], got[k]), k
