@@ -14,10 +14,10 @@ def _seed():
     yield
 
 
-def _activate(model):
+def _activate(model, seed=1):
     """Random non-zero adaLN and final layer, so every block changes the output (adaLN-Zero
     initialisation would make the blocks identities and hide splicing mistakes)."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in model.blocks:
             w = block.adaLN_modulation[1].weight

@@ -111,9 +111,10 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
         mine = [j for j in jobs if rank in assignment.groups.get(j.path, ())]
         slices = {j.path: assignment.group_index(j.path, rank) for j in mine}
     groups = groups or {}
-    if cfg.batch_size % max(n for _, n in slices.values()) if slices else False:
-        raise GraftError(f"stage 1 batch {cfg.batch_size} does not split over the {max(n for _, n in slices.values())} "
-                         "ranks that train one region; fix: pass a --batch1 divisible by it")
+    widest = max((n for _, n in slices.values()), default=1)
+    if cfg.batch_size % widest:
+        raise GraftError(f"stage 1 batch {cfg.batch_size} does not split over the {widest} ranks that train one "
+                         "region; fix: pass a --batch1 divisible by it")
     paths = [j.path for j in mine]
     device = torch.device(device) if device is not None else _device_of(mine)
     opts, scheds = {}, {}

@@ -25,6 +25,7 @@ folder) or the model's defaults (DiT and PixArt: linear betas 1e-4..0.02 over 10
 """
 from __future__ import annotations
 
+import abc
 import json
 import math
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ class NoiseSchedule:
         return a * noise - b * x0
 
 
-class ModelAdapter:
+class ModelAdapter(abc.ABC):
     """How to call one family of models. Subclasses set ``conditioning`` (the per-sample data it
     needs, besides latents) and write ``inputs``; ``prediction`` takes the first ``C`` channels
     of the output (models with a learned variance output 2C)."""
@@ -139,8 +140,10 @@ class ModelAdapter:
     def schedule(self, model) -> NoiseSchedule:
         return NoiseSchedule()
 
+    @abc.abstractmethod
     def inputs(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> tuple[tuple, dict]:
-        raise NotImplementedError
+        """(args, kwargs) calling ``model`` on noised latents ``x_t`` at timesteps ``t`` with the
+        per-sample conditioning ``cond`` (a dict of the names in ``conditioning``)."""
 
     def example(self, model, batch: int = 2, device=None, shape=None, **options) -> tuple[tuple, dict]:
         """Random inputs of the model's shapes (latents of ``shape`` (C, H, W) when given), called
@@ -187,8 +190,9 @@ class ModelAdapter:
 class _ClassConditional(ModelAdapter):
     conditioning = ("labels",)
 
+    @abc.abstractmethod
     def num_classes(self, model) -> int:
-        raise NotImplementedError
+        """The model's class count (its null class, for label dropout, is this index)."""
 
     def example_conditioning(self, model, batch, generator, **options):
         return {"labels": torch.randint(self.num_classes(model), (batch,), generator=generator)}

@@ -28,6 +28,18 @@ PIXART = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
 DIT = ("DiTPipeline",)
 
 
+
+def class_labels(labels, n: int | None, classes: int) -> list[int]:
+    """The labels to sample (default: ``n`` cycling through the classes, or one of each), at most
+    ``n``; a label outside 0..classes-1 is a GraftError."""
+    if labels is None:
+        labels = [i % classes for i in range(n or classes)]
+    labels = [int(x) for x in labels][: n or None]
+    bad = [x for x in labels if not 0 <= x < classes]
+    if bad:
+        raise GraftError(f"--labels {bad}: the model has classes 0..{classes - 1}")
+    return labels
+
 def _diffusers():
     try:
         import diffusers
@@ -134,12 +146,7 @@ def sample_images(pipe, *, n: int | None = None, labels=None, embeddings=None, n
             if (height, width) != (size, size):
                 raise GraftError(f"a DiT pipeline samples at its model's size ({size} x {size}); drop --height/--width")
         classes = cfg.num_embeds_ada_norm
-        if labels is None:
-            labels = [i % classes for i in range(n or classes)]
-        labels = [int(x) for x in labels][: n or None]
-        bad = [x for x in labels if not 0 <= x < classes]
-        if bad:
-            raise GraftError(f"--labels {bad}: the model has classes 0..{classes - 1}")
+        labels = class_labels(labels, n, classes)
         guidance = 4.0 if guidance is None else guidance
         if guidance > 1 and classes != 1000:
             raise GraftError(f"--guidance {guidance:g}: DiTPipeline guides with null class 1000, but the model has "
@@ -257,12 +264,7 @@ def sample_native(model, config, *, labels=None, n: int | None = None, steps=50,
     from graftfx.models.diffusion import sample
 
     classes = config.num_classes
-    if labels is None:
-        labels = [i % classes for i in range(n or classes)]
-    labels = [int(x) for x in labels][: n or None]
-    bad = [x for x in labels if not 0 <= x < classes]
-    if bad:
-        raise GraftError(f"--labels {bad}: the model has classes 0..{classes - 1}")
+    labels = class_labels(labels, n, classes)
     guidance = 1.5 if guidance is None else guidance
     if config.in_channels not in (1, 3) and vae is None:
         raise GraftError(f"the model makes {config.in_channels}-channel latents: pass --vae FOLDER (a diffusers "

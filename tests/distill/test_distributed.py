@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from graftfx.distill.stage1 import merge_rank_checkpoints
 from graftfx.training import CheckpointStore
 
-from .._distill_job import make_job
+from .._distill_job import RULES, make_job
 
 COMMON = ["--data", "digits", "--samples", "32", "--shard-size", "16", "--steps1", "6", "--batch1", "4",
           "--steps2", "3", "--batch2", "4", "--lr2", "1e-3", "--warmup2", "0", "--no-progress", "--ckpt-every", "3",
@@ -142,18 +142,8 @@ def test_four_ranks_with_four_node_local_caches_equal_one_process(single):
     assert sorted(held) == ["blocks.1.attn", "blocks.1.mlp", "blocks.3.attn", "blocks.3.mlp"]
 
 
-THREE = """version = 1
-[[rule]]
-pattern = "self_attention"
-operator = "mha"
-select = { preset = "paper-50" }
-options = { init = "fresh" }
-[[rule]]
-pattern = "mlp"
-operator = "mlp"
-select = { indices = [3] }
-options = { ratio = 3 }
-"""
+THREE = RULES.replace('select = { preset = "paper-50" }\noptions = { ratio = 3 }',
+                      'select = { indices = [3] }\noptions = { ratio = 3 }')   # attention x2 + one MLP
 
 
 def test_six_ranks_on_three_regions_train_data_parallel_like_one(single):

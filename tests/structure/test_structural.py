@@ -17,18 +17,7 @@ from graftfx.models import DiT, DiTConfig, DiT_models
 from graftfx.models.dit import modulate
 from graftfx.rules import Rule, load_rules
 
-
-def _activate(model, seed=1):
-    """Non-zero adaLN and final layer: with adaLN-Zero weights every block is the identity and a
-    parallel pair equals the sequential one, hiding any mistake."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in model.blocks:
-            w = block.adaLN_modulation[1].weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
-        w = model.final_layer.linear.weight
-        w.copy_(torch.randn(w.shape, generator=g) * 0.05)
-    return model.eval()
+from ..conftest import _activate  # non-zero adaLN: a parallel pair then differs from the sequential one
 
 
 @pytest.fixture(scope="module")
