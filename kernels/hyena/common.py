@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_TAPS = 8                       # short convs only: every tap is unrolled in the kernels
+from .._dispatch import num_sms
+
+MAX_TAPS = 8                       # short convs only: conv_tile unrolls every tap
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -70,6 +72,14 @@ def fit_tiles(tiles: tuple[int, int, int], rows: int, channels: int, taps: int,
     bn = max(16, min(bn, triton.next_power_of_2(rows)))
     bc = max(16, min(bc, triton.next_power_of_2(channels)))
     return bn, bc, max(1, min(warps, bn * bc // 128))
+
+
+def row_splits(n_tiles: int, programs: int, device: torch.device) -> int:
+    """How many programs share one channel block's row tiles in a backward kernel that sums
+    its weight gradients over the rows it walks (``programs``: channel blocks x batch). Each
+    program writes one fp32 partial per weight; enough of them for ~8 programs an SM, never more
+    than the row tiles (bench shape, L = 4096: 8 programs of 16 tiles each)."""
+    return max(1, min(n_tiles, triton.cdiv(8 * num_sms(device), programs)))
 
 
 def cast_grads(grads, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

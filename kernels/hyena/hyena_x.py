@@ -14,8 +14,10 @@ In kernel terms both are a conv along an axis of length N per group (L, or M) ov
 sequence of length 3N. No conv output ever reaches HBM: the forward reads u (plus a K-1 halo
 through L1/L2) and writes y. The backward recomputes q, k, v on the K row shifts it needs,
 ``du_g[s] = sum_m w_g[K-1-m] * dc_g[s+m]`` with ``dc_q = dy*k*v``, ``dc_k = dy*q*v``,
-``dc_v = dy*q*k``, and writes per-tile partial sums of dweight/dbias that the launcher reduces in
-fp32 (deterministic). In chained mode ``dc`` past the end of a group belongs to the next group.
+``dc_v = dy*q*k``. A backward program walks a run of row tiles (``common.row_splits``: a few
+runs per channel block) and sums dweight/dbias over them in registers; the launcher adds the
+runs' fp32 partials (deterministic). In chained mode ``dc`` past the end of a group belongs to
+the next group.
 
 Reads top to bottom: Triton kernels, launchers (``hyena_x_fwd``/``hyena_x_bwd``,
 ``mlp_hyena_x_fwd``/``mlp_hyena_x_bwd``), custom ops with autograd, public functions.
@@ -29,19 +31,24 @@ import triton.language as tl
 from .._dispatch import interpreting, on_device, use_triton
 from . import naive
 from .common import (cast_grads, check_activation, check_bias, check_filter, conv_tile,
-                     fit_tiles, taps_major)
+                     fit_tiles, row_splits, taps_major)
 
 # (BLOCK_N, BLOCK_C, num_warps), sized from ptxas (sm_90a) register reports: no spills for
 # bf16/fp16/fp32, K = 3 and 4, with and without 16-divisible extents. The backward holds the
 # 3*K conv weights of its channels, three du accumulators and one shift's q, k, v, dy; its tiles
 # are per element size (2: bf16/fp16, 4: fp32) so that a thread holds 16 contiguous bytes of
-# every tile it loads (128-bit loads of u and dy): bf16 (32, 64) at 8 warps takes ~230
-# registers (the (32, 32) tile took 128 with 64-bit loads), fp32 (16, 32) at 4 warps 128. Most of
-# it is the 3*K conv weights, loop-invariant over the shifts and so held for the whole loop:
-# 8 channels a thread at K = 4 are 96 fp32 registers.
+# every tile it loads (128-bit loads of u and dy): bf16 (32, 64) at 8 warps takes ~255
+# registers at K = 4 (the (32, 32) tile took 128 with 64-bit loads), fp32 (16, 32) at 4 warps
+# ~165 (capped, _BWD_MAXNREG), since each program also carries its weight-gradient sums over a
+# run of row tiles. Most of it is the 3*K conv weights, loop-invariant over the shifts and so
+# held for the whole loop: 8 channels a thread at K = 4 are 96 fp32 registers.
 # Filters are read taps-major (common.taps_major): one vector load per tap.
 _FWD_TILES, _BWD_TILES = (32, 64, 8), {2: (32, 64, 8), 4: (16, 32, 4)}
 _FWD_TILES_CHAINED, _BWD_TILES_CHAINED = (128, 16, 8), (64, 16, 8)
+# (chained, element size) -> register cap of the backward launch, K <= 4. fp32 (16, 32) at 4
+# warps takes 209 registers uncapped at K = 4 (2 programs an SM); capped at 168 ptxas fits it in
+# 164 without spilling (3 an SM; at 128 it spills 8 B; K = 8 at 168 spills ~100 B: no cap).
+_BWD_MAXNREG = {(False, 4): {"maxnreg": 168}}
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -98,76 +105,107 @@ def _dconv_at(u_b, W, BIAS, dy_b, rows, m, offs_c, row_ok, mask_c, N, lo_k, lo_v
 
 
 @triton.jit
-def _hyena_x_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, DB_PART, N, C,
+def _dw_tap(acc, slot, j, dq, dk, dv, u_b, rows, row_ok, offs_c, mask_c, lo_k, lo_v, group_off,
+            stride_un, stride_uc, K: tl.constexpr):
+    """acc (SLOTS, BLOCK_C) + one tap's weight-gradient sums over a tile: row g * (K + 1) + j
+    gets sum_t dc_g[t] * u_g[t - (K-1) + j] for group g; j = K is the bias (u = 1)."""
+    src = rows - (K - 1) + j
+    tap = row_ok & (j < K)
+    u_ptrs = u_b + src[:, None] * stride_un + offs_c[None, :] * stride_uc
+    xq = tl.load(u_ptrs, mask=(tap & (src >= 0))[:, None] & mask_c[None, :],
+                 other=0.0).to(tl.float32)
+    xk = tl.load(u_ptrs + group_off, mask=(tap & (src >= lo_k))[:, None] & mask_c[None, :],
+                 other=0.0).to(tl.float32)
+    xv = tl.load(u_ptrs + 2 * group_off, mask=(tap & (src >= lo_v))[:, None] & mask_c[None, :],
+                 other=0.0).to(tl.float32)
+    if j == K:
+        xq, xk, xv = xq + 1.0, xk + 1.0, xv + 1.0              # all masked to 0 above
+    acc += tl.where(slot == j, tl.sum(dq * xq, axis=0)[None, :], 0.0)
+    acc += tl.where(slot == K + 1 + j, tl.sum(dk * xk, axis=0)[None, :], 0.0)
+    acc += tl.where(slot == 2 * (K + 1) + j, tl.sum(dv * xv, axis=0)[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _hyena_x_bwd_kernel(U, W, BIAS, DY, DU, DW_PART, N, C, TILES_PER,
                         stride_ub, stride_un, stride_uc, group_off, stride_wg, stride_bg, stride_wk,
                         stride_dyb, stride_dyn, stride_dyc,
                         K: tl.constexpr, CHAINED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_n = tl.program_id(0)
+                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SLOTS: tl.constexpr):
+    # A program walks TILES_PER consecutive row tiles of one channel block and sums its share
+    # of dw_g[c, j] = sum_t dc_g[t] * u_g[t - (K-1) + j] and db_g[c] = sum_t dc_g[t] in
+    # registers, stacked in one (SLOTS, BLOCK_C) fp32 tile: row g * (K + 1) + j is group g's
+    # tap j, row g * (K + 1) + K its bias. The stacked rows spread over the threads (a thread
+    # holds one row of it); 3 * (K + 1) separate (BLOCK_C,) sums would each sit whole in every
+    # thread's registers and spill. One store at the end: the launcher sums the programs'
+    # partials (deterministic, no atomics).
+    pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < N
     mask_c = offs_c < C
     u_b = U + pid_b * stride_ub
     dy_b = DY + pid_b * stride_dyb
     lo_k = -N * CHAINED
     lo_v = -2 * N * CHAINED
+    slot = tl.arange(0, SLOTS)[:, None]                       # (SLOTS, 1)
+    acc = tl.zeros((SLOTS, BLOCK_C), dtype=tl.float32)
 
-    # Shift m = 0 (the tile's own rows): du through the last tap, and this tile's share of
-    # dw_g[c, j] = sum_t dc_g[t] * u_g[t - (K-1) + j] and db_g[c] = sum_t dc_g[t].
-    dq, dk, dv, wrap = _dconv_at(u_b, W, BIAS, dy_b, rows, 0, offs_c, row_ok, mask_c, N,
-                                 lo_k, lo_v, group_off, stride_wg, stride_bg, stride_wk, stride_un,
-                                 stride_uc, stride_dyn, stride_dyc, K, CHAINED, HAS_BIAS,
-                                 BLOCK_N, BLOCK_C)
-    w_ptrs = W + (K - 1) * stride_wk + offs_c
-    du_q = tl.load(w_ptrs, mask=mask_c, other=0.0).to(tl.float32)[None, :] * dq
-    du_k = tl.load(w_ptrs + stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :] * dk
-    du_v = tl.load(w_ptrs + 2 * stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :] * dv
-    part = (pid_b * tl.num_programs(0) + pid_n) * 3
-    for j in tl.static_range(K):
-        src = rows - (K - 1) + j
-        u_ptrs = u_b + src[:, None] * stride_un + offs_c[None, :] * stride_uc
-        xq = tl.load(u_ptrs, mask=(row_ok & (src >= 0))[:, None] & mask_c[None, :],
-                     other=0.0).to(tl.float32)
-        xk = tl.load(u_ptrs + group_off, mask=(row_ok & (src >= lo_k))[:, None] & mask_c[None, :],
-                     other=0.0).to(tl.float32)
-        xv = tl.load(u_ptrs + 2 * group_off,
-                     mask=(row_ok & (src >= lo_v))[:, None] & mask_c[None, :],
-                     other=0.0).to(tl.float32)
-        tl.store(DW_PART + (part * K + j) * C + offs_c, tl.sum(dq * xq, axis=0), mask=mask_c)
-        tl.store(DW_PART + ((part + 1) * K + j) * C + offs_c, tl.sum(dk * xk, axis=0), mask=mask_c)
-        tl.store(DW_PART + ((part + 2) * K + j) * C + offs_c, tl.sum(dv * xv, axis=0), mask=mask_c)
-    tl.store(DB_PART + part * C + offs_c, tl.sum(dq, axis=0), mask=mask_c)
-    tl.store(DB_PART + (part + 1) * C + offs_c, tl.sum(dk, axis=0), mask=mask_c)
-    tl.store(DB_PART + (part + 2) * C + offs_c, tl.sum(dv, axis=0), mask=mask_c)
+    tile = pid_s * TILES_PER
+    end = tl.minimum(tile + TILES_PER, tl.cdiv(N, BLOCK_N))
+    # `while`, not `for tile in range(...)`: the interpreter cannot index a runtime loop bound
+    while tile < end:
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        # Conv outputs at row s + m reach u[s] through tap K-1-m. A runtime loop: unrolled, the
+        # compiler would hoist all 3*K*K shifted loads at once and spill.
+        du_q = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        du_k = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        du_v = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for m in tl.range(0, K, loop_unroll_factor=1):
+            dq, dk, dv, wrap = _dconv_at(u_b, W, BIAS, dy_b, rows, m, offs_c, row_ok, mask_c, N,
+                                         lo_k, lo_v, group_off, stride_wg, stride_bg, stride_wk,
+                                         stride_un, stride_uc, stride_dyn, stride_dyc, K,
+                                         CHAINED, HAS_BIAS, BLOCK_N, BLOCK_C)
+            w_ptrs = W + (K - 1 - m) * stride_wk + offs_c
+            wq = tl.load(w_ptrs, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+            wk = tl.load(w_ptrs + stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+            wv = tl.load(w_ptrs + 2 * stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+            if CHAINED:
+                du_q += wq * tl.where(wrap[:, None], dk, dq)
+                du_k += wk * tl.where(wrap[:, None], dv, dk)
+                du_v += wv * tl.where(wrap[:, None], 0.0, dv)
+            else:
+                du_q += wq * dq
+                du_k += wk * dk
+                du_v += wv * dv
+            if m == 0:
+                # the tile's own rows t: its share of dw_g[j] = sum_t dc_g[t] u_g[t - (K-1) + j]
+                # and, as "tap" K with u = 1, of db_g = sum_t dc_g[t]. Channels contiguous: a
+                # runtime loop over the taps (unrolled, with no store in between, all 3*K loads
+                # were hoisted at once and spilled); rows contiguous (chained): unrolled, as a
+                # runtime tap offset would hide the rows' alignment and narrow the loads.
+                if CHAINED:
+                    for j in tl.static_range(K + 1):
+                        acc = _dw_tap(acc, slot, j, dq, dk, dv, u_b, rows, row_ok, offs_c, mask_c,
+                                      lo_k, lo_v, group_off, stride_un, stride_uc, K)
+                else:
+                    for j in tl.range(0, K + 1, loop_unroll_factor=1):
+                        acc = _dw_tap(acc, slot, j, dq, dk, dv, u_b, rows, row_ok, offs_c, mask_c,
+                                      lo_k, lo_v, group_off, stride_un, stride_uc, K)
 
-    # Shifts m >= 1: conv outputs at row s + m reach u[s] through tap K-1-m. A runtime loop:
-    # unrolled, the compiler would hoist all 3*K*K shifted loads at once and spill.
-    for m in tl.range(1, K, loop_unroll_factor=1):
-        dq, dk, dv, wrap = _dconv_at(u_b, W, BIAS, dy_b, rows, m, offs_c, row_ok, mask_c, N,
-                                     lo_k, lo_v, group_off, stride_wg, stride_bg, stride_wk, stride_un,
-                                     stride_uc, stride_dyn, stride_dyc, K, CHAINED, HAS_BIAS,
-                                     BLOCK_N, BLOCK_C)
-        w_ptrs = W + (K - 1 - m) * stride_wk + offs_c
-        wq = tl.load(w_ptrs, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        wk = tl.load(w_ptrs + stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        wv = tl.load(w_ptrs + 2 * stride_wg, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        if CHAINED:
-            du_q += wq * tl.where(wrap[:, None], dk, dq)
-            du_k += wk * tl.where(wrap[:, None], dv, dk)
-            du_v += wv * tl.where(wrap[:, None], 0.0, dv)
-        else:
-            du_q += wq * dq
-            du_k += wk * dk
-            du_v += wv * dv
+        mask = row_ok[:, None] & mask_c[None, :]
+        du_ptrs = DU + pid_b * stride_ub + rows[:, None] * stride_un + offs_c[None, :] * stride_uc
+        tl.store(du_ptrs, du_q.to(DU.dtype.element_ty), mask=mask)
+        tl.store(du_ptrs + group_off, du_k.to(DU.dtype.element_ty), mask=mask)
+        tl.store(du_ptrs + 2 * group_off, du_v.to(DU.dtype.element_ty), mask=mask)
+        tile += 1
 
-    mask = row_ok[:, None] & mask_c[None, :]
-    du_ptrs = DU + pid_b * stride_ub + rows[:, None] * stride_un + offs_c[None, :] * stride_uc
-    tl.store(du_ptrs, du_q.to(DU.dtype.element_ty), mask=mask)
-    tl.store(du_ptrs + group_off, du_k.to(DU.dtype.element_ty), mask=mask)
-    tl.store(du_ptrs + 2 * group_off, du_v.to(DU.dtype.element_ty), mask=mask)
+    # this program's partials: DW_PART (batch * splits, 3, K + 1, C), a row per slot (an empty
+    # program, past the last tile, stores zeros)
+    part = pid_b * tl.num_programs(0) + pid_s
+    tl.store(DW_PART + (part * 3 * (K + 1) + slot) * C + offs_c[None, :], acc,
+             mask=(slot < 3 * (K + 1)) & mask_c[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -214,17 +252,21 @@ def _bwd(dy, u, weight, bias, chained):
                               n, c, taps,
                               rows_contiguous=chained, interpreted=interpreting())
     n_tiles = triton.cdiv(n, bn)
-    dw_part = torch.empty((batch * n_tiles, 3, taps, c), device=u.device, dtype=torch.float32)
-    db_part = torch.empty((batch * n_tiles, 3, c), device=u.device, dtype=torch.float32)
+    splits = row_splits(n_tiles, triton.cdiv(c, bc) * batch, u.device)
+    tiles_per = triton.cdiv(n_tiles, splits)
+    # per program: dweight taps 0..K-1 and dbias (row K) of each group, summed over its rows
+    part = torch.empty((batch * splits, 3, taps + 1, c), device=u.device, dtype=torch.float32)
     w_g, b_g = (0, 0) if chained else (c, c)          # taps-major filters, as in _fwd
     with on_device(u):
-        _hyena_x_bwd_kernel[(n_tiles, triton.cdiv(c, bc), batch)](
-            u, taps_major(weight), weight if bias is None else bias.contiguous(), dy, du, dw_part,
-            db_part, n, c, u.stride(0), s_n, s_c, goff, w_g, b_g, weight.shape[0],
+        _hyena_x_bwd_kernel[(splits, triton.cdiv(c, bc), batch)](
+            u, taps_major(weight), weight if bias is None else bias.contiguous(), dy, du, part,
+            n, c, tiles_per, u.stride(0), s_n, s_c, goff, w_g, b_g, weight.shape[0],
             dy.stride(0), *((1, dy.stride(1)) if chained else (dy.stride(1), 1)),
             K=taps, CHAINED=int(chained), HAS_BIAS=bias is not None,
-            BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
-    dw, db = dw_part.sum(0), db_part.sum(0)             # (3, K, C), (3, C)
+            BLOCK_N=bn, BLOCK_C=bc, SLOTS=triton.next_power_of_2(3 * (taps + 1)),
+            num_warps=warps, **(_BWD_MAXNREG.get((chained, min(u.element_size(), 4)), {})
+                                if taps <= 4 else {}))
+    dw, db = part[:, :, :taps].sum(0), part[:, :, taps].sum(0)   # (3, K, C), (3, C): fresh
     if chained:                                          # one filter per token, shared by q, k, v
         dw, db = dw.sum(0).t(), db.sum(0)
     else:                                                # filters of channels g*d + c

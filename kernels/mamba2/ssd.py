@@ -36,9 +36,10 @@ Under TRITON_INTERPRET=1 bf16 operands are upcast to fp32 before ``tl.dot``: the
 (Triton 3.6) multiplies bf16 bit patterns as integers.
 
 Sized for the paper's config (d_state 64, headdim 16, chunk 64): compiled for sm_90, no kernel
-spills registers there, bf16 or fp32 (fp32 runs kernel 4 as three launches: dx, ddt, dB/dC).
-Kernel 4 holds whole d_state x headdim tiles and spills a little (~100 bytes/thread) from
-d_state 128 or headdim 64 up.
+spills registers there, bf16 or fp32 (fp32 runs kernel 4 as three launches: dx, ddt, dB/dC),
+and every x/B/C/dy load is 128 bits wide (bf16 runs kernel 4 at 4 warps for that). Kernel 4
+holds whole d_state x headdim tiles; in bf16 at d_state 128 or headdim 64 it still does not
+spill (8 warps; at d_state 128, headdim 16 its x/dy loads are 64 bits).
 """
 from __future__ import annotations
 
@@ -235,31 +236,49 @@ def _ssd_chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, sta
     b_d, c_d, x_d, dy_d = b.to(DOT), c.to(DOT), x.to(DOT), dy.to(DOT)
     h_in_d, dh_out_d = h_in.to(DOT), dh_out.to(DOT)
 
-    # Intra-chunk: y_t = sum_{s<=t} cb_ts decay_ts dt_s x_s. Each (BT, BT) tile is used and
-    # dropped in turn to keep register pressure down.
+    # Intra-chunk: y_t = sum_{s<=t} cb_ts decay_ts dt_s x_s. Each product is computed once (the
+    # compiler merges repeats anyway, keeping the first alive until the last use) and the
+    # (BT, BT) tiles die in turn: cb and decay through dx, then q and dg, then only dg. Ordered
+    # so, bf16 fits 4 warps without spilling (the x/dy loads' 128-bit vectors need 4 warps).
     causal = o_t[:, None] >= o_t[None, :]
+    decay = tl.where(causal, tl.exp(tl.where(causal, acs[:, None] - acs[None, :], 0.0)), 0.0)
+    cb = tl.dot(c_d, tl.trans(b_d), input_precision=PREC)                # C_t . B_s
+    if DO_DX:
+        m = cb * decay * dt[None, :]                                     # y_intra = m @ x
+        dx = tl.dot(tl.trans(m.to(DOT)), dy_d, input_precision=PREC)
+        # dx: + D skip + through the chunk's state contribution B^T (w * x)
+        dx += d_h * dy.to(tl.float32) + w[:, None] * tl.dot(b_d, dh_out_d, input_precision=PREC)
+        tl.store(dx_ptr + xy_offs, dx.to(dx_ptr.dtype.element_ty), mask=m_tp)
+    if DO_DDT or DO_DBC:
+        q = tl.dot(dy_d, tl.trans(x_d), input_precision=PREC) * decay     # dy_t . x_s decay_ts
+        dg = q * dt[None, :]                                             # dL/d(C B^T)
     if DO_DDT:
-        # The (BT, BP)/(BT,)-sized terms first: B and C then die with C B^T.
-        y_off = e_acs[:, None] * tl.dot(c_d, h_in_d, input_precision=PREC)  # state read-out
+        e = cb * q                  # dL/d(dt_s) summands of the intra-chunk term
+        ddt = tl.sum(e, axis=0)
+        # d acs from the intra-chunk term: +row sums, -column sums of e * dt_s (= cb * dg)
+        dacs = tl.sum(cb * dg, axis=1) - ddt * dt
+    if DO_DBC:
+        # dC (per head): intra-chunk + the entering state's read-out y_off = exp(acs_t) C_t h_in
+        dc = tl.dot(dg.to(DOT), b_d, input_precision=PREC)
+        dc += e_acs[:, None] * tl.dot(dy_d, tl.trans(h_in_d), input_precision=PREC)
+        # summed over the group's heads here (fp32 atomics into the (batch, L, G, N) gradients):
+        # no per-head (batch, L, nheads, N) buffer, 144x B's size at the paper's config
+        tl.atomic_add(dC_ptr + bc_offs, dc, mask=m_tn, sem="relaxed")
+        db = tl.dot(tl.trans(dg.to(DOT)), c_d, input_precision=PREC)
+    if DO_DDT or DO_DBC:
         xdh = tl.dot(x_d, tl.trans(dh_out_d), input_precision=PREC)      # (BT, BN)
+    if DO_DBC:
+        # dB (per head): intra-chunk + the chunk state B^T (w * x)
+        db += w[:, None] * xdh
+        tl.atomic_add(dB_ptr + bc_offs, db, mask=m_tn, sem="relaxed")
+    if DO_DDT:
         dw = tl.sum(b.to(tl.float32) * xdh, axis=1)                      # dL/dw_s
         # d acs_Q through the entering state's decay exp(acs_Q) h_in, and through w
         dlast = (tl.exp(a_last) * tl.sum(tl.sum(dh_out * h_in, axis=1), axis=0)
                  + tl.sum(dw * w, axis=0))
-        # d acs from the read-out of the entering state and from w
-        dacs = tl.sum(y_off * dy.to(tl.float32), axis=1) - dw * w
-    if DO_DX:
-        bdh = tl.dot(b_d, dh_out_d, input_precision=PREC)                 # (BT, BP)
-    if DO_DX or DO_DDT:
-        # Intra-chunk: y_t = sum_{s<=t} cb_ts decay_ts dt_s x_s
-        decay = tl.where(causal, tl.exp(tl.where(causal, acs[:, None] - acs[None, :], 0.0)), 0.0)
-        cbd = tl.dot(c_d, tl.trans(b_d), input_precision=PREC) * decay    # (BT_t, BT_s)
-    if DO_DDT:
-        e = cbd * tl.dot(dy_d, tl.trans(x_d), input_precision=PREC)      # * dy_t . x_s
-        # e: dL/d(dt_s) summands of the intra-chunk term
-        ddt = tl.sum(e, axis=0)
-        # d acs from the intra-chunk term: +row sums, -column sums of e * dt_s
-        dacs += tl.sum(e * dt[None, :], axis=1) - ddt * dt
+        # d acs from the read-out of the entering state y_off and from w
+        y_off = e_acs[:, None] * tl.dot(c_d, h_in_d, input_precision=PREC)
+        dacs += tl.sum(y_off * dy.to(tl.float32), axis=1) - dw * w
         # ddt: its direct uses (the scale dt_s, and inside w), then through acs;
         # da_s = sum_{t >= s} dacs_t (+ dlast: acs_Q is the sum of every a in the chunk)
         da = tl.sum(dacs, axis=0) - tl.cumsum(dacs, axis=0) + dacs + dlast
@@ -268,26 +287,6 @@ def _ssd_chunk_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, sta
         part = i_bh.to(tl.int64) * NC + i_c
         tl.store(dA_ptr + part, tl.sum(dt * da, axis=0))
         tl.store(dD_ptr + part, tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1), axis=0))
-    if DO_DX:
-        m = cbd * dt[None, :]                                            # y_intra = m @ x
-        dx = tl.dot(tl.trans(m.to(DOT)), dy_d, input_precision=PREC)
-        # dx: + D skip + through the chunk's state contribution B^T (w * x)
-        dx += d_h * dy.to(tl.float32) + w[:, None] * bdh
-        tl.store(dx_ptr + xy_offs, dx.to(dx_ptr.dtype.element_ty), mask=m_tp)
-    if DO_DBC:
-        dyx = tl.dot(dy_d, tl.trans(x_d), input_precision=PREC)          # dy_t . x_s
-        decay = tl.where(causal, tl.exp(tl.where(causal, acs[:, None] - acs[None, :], 0.0)), 0.0)
-        dg = dyx * decay * dt[None, :]                                   # dL/d(C B^T)
-        # dC (per head): intra-chunk + the entering state's read-out y_off = exp(acs_t) C_t h_in
-        dc = tl.dot(dg.to(DOT), b_d, input_precision=PREC)
-        dc += e_acs[:, None] * tl.dot(dy_d, tl.trans(h_in_d), input_precision=PREC)
-        # summed over the group's heads here (fp32 atomics into the (batch, L, G, N) gradients):
-        # no per-head (batch, L, nheads, N) buffer, 144x B's size at the paper's config
-        tl.atomic_add(dC_ptr + bc_offs, dc, mask=m_tn, sem="relaxed")
-        # dB (per head): intra-chunk + the chunk state B^T (w * x)
-        db = tl.dot(tl.trans(dg.to(DOT)), c_d, input_precision=PREC)
-        db += w[:, None] * tl.dot(x_d, tl.trans(dh_out_d), input_precision=PREC)
-        tl.atomic_add(dB_ptr + bc_offs, db, mask=m_tn, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -381,14 +380,20 @@ def ssd_bwd(dy, x, dt, A, B, C, D, chunk_size: int = 64):
     BN, BP = _block(N, 256), _block(P, 256)
     args = (x, dt, A, B, C, D, dy, states, dstates, dx, ddt, dB_g, dC_g, dA_part, dD_part,
             L, H, G, N, P, nc, *_st(x), *_st(dy), *_st(B), *_st(C))
-    # fp32: three launches (dx, ddt, dB/dC), each holding part of the tiles
-    parts = ([(True, False, False), (False, True, False), (False, False, True)]
-             if x.dtype == torch.float32 else [(True, True, True)])
+    # fp32: three launches (dx, ddt, dB/dC), each holding part of the tiles; bf16/fp16: one.
+    # 8 warps, or 4 where 8 would leave a thread under 16 bytes of the x/dy tile (the paper's
+    # (64, 16): 4 warps load 128-bit vectors, 8 load 64) and the (BT, BN) tiles are small enough
+    # not to spill at 4 (d_state 128 at 4 warps spills: it stays at 8 and loads 64 bits)
+    fp32 = x.dtype == torch.float32
+    parts = ([(True, False, False), (False, True, False), (False, False, True)] if fp32
+             else [(True, True, True)])
+    warps = 4 if (chunk_size * BP * x.element_size() < 16 * 256 and chunk_size * BN <= 64 * 64
+                  and not fp32) else 8
     with on_device(x):
         for do_dx, do_ddt, do_dbc in parts:
             _ssd_chunk_bwd_kernel[(nc, batch * H)](*args, BT=chunk_size, BN=BN, BP=BP,
                                                    DOT=dot, PREC=prec, DO_DX=do_dx, DO_DDT=do_ddt,
-                                                   DO_DBC=do_dbc, num_warps=8)
+                                                   DO_DBC=do_dbc, num_warps=warps)
     dB, dC = dB_g.to(B.dtype), dC_g.to(C.dtype)
     dA = dA_part.sum((0, 2)).to(A.dtype)
     dD = dD_part.sum((0, 2)).to(D.dtype)

@@ -99,6 +99,35 @@ def test_launchers_match_reference(name, batch, length, d, taps, with_bias, dtyp
     assert_rel_close("dbias", db, ref_db, tol)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("name", ["hyena_x", "mlp_hyena_x", "hyena_y"])
+def test_backward_sums_weight_grads_over_runs_of_tiles(name, splits, monkeypatch):
+    """The backward programs sum dweight/dbias in registers over runs of row tiles: 255 rows of
+    the conv axis are 4 tiles under the interpreter, walked by one program (splits=1) or by 3
+    runs of 2, 2 and 0 tiles (the last program, past the end, stores zeros). Matches the
+    reference, and is bitwise the same from run to run (no atomics)."""
+    op = OPS[name]
+    module = hy if name == "hyena_y" else hx
+    seen = []
+
+    def forced(n_tiles, programs, device):
+        seen.append(n_tiles)
+        return min(splits, n_tiles)
+
+    monkeypatch.setattr(module, "row_splits", forced)
+    length, d = (20, 255) if op.per_token else (255, 16)    # mlp: the conv runs over features
+    u, weight, bias = make_inputs(op, 1, length, d, 4, True)
+    dy = torch.randn(op.ref(u, weight, bias).shape)
+    got = op.bwd(dy, u, weight, bias)
+    assert seen == [4]
+    _, ref = reference(op, u, weight, bias, dy)
+    for label, g, r in zip(("du", "dweight", "dbias"), got, ref):
+        assert_rel_close(label, g, r, TOL[torch.float32])
+    if splits > 1:   # partials of several runs, added in a fixed order
+        again = op.bwd(dy, u, weight, bias)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
 @pytest.mark.parametrize("name", list(OPS))
 def test_reference_backward_matches_autograd(name):
     op = OPS[name]

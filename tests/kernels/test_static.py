@@ -38,11 +38,7 @@ print(json.dumps({{"rows": [r.as_dict() for r in rows],
 """
 
 # (family, check) -> why it fails today (issue 14, item 2); strict xfails
-KNOWN = {
-    ("mamba2", "loads"): "ssd_chunk_bwd_kernel loads x and dy 64 bits wide: a (64, 16) tile over 8 warps "
-                         "is 4 elements a thread; at 4 warps (8 elements, 128 bits) it spills 88 B "
-                         "(ptxas, bf16); split launches would read B, C, x, dy twice",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")
