@@ -1,6 +1,6 @@
 """Diffusers-sized figures: trace + match + splice time, per-step latency, and distill plans.
 
-    python benchmarks/bench_diffusers.py trace   [--repeat 3]
+    python benchmarks/bench_diffusers.py trace   [--repeat 3] [--full]
     python benchmarks/bench_diffusers.py latency [--sizes 1024 2048] [--blocks 28] [--compile]
     python benchmarks/bench_diffusers.py plan    [--samples 8000] [--world 8]
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import platform
 import statistics
 import time
@@ -64,22 +65,24 @@ def header(what: str) -> str:
 
 def cmd_trace(args) -> None:
     print(header("trace"))
-    print("| model | trace s | match+select+splice s | total s | target |")
-    print("|---|---|---|---|---|")
-    for name, build, text in (("PixArt-Sigma 1024px (28 x 1152)", lambda: pixart_sigma(1024), 300),
-                              ("diffusers DiT-XL/2", dit_xl2, 0)):
+    print("| model | trace | trace s | match+select+splice s | total s | target |")
+    print("|---|---|---|---|---|---|")
+    modes = [("repeats shortcut", True)] + ([("every block (repeats=False)", False)] if args.full else [])
+    for (name, build, text), (mode, repeats) in itertools.product(
+            (("PixArt-Sigma 1024px (28 x 1152)", lambda: pixart_sigma(1024), 300), ("diffusers DiT-XL/2", dit_xl2, 0)),
+            modes):
         runs = []
         for _ in range(args.repeat + 1):   # the first is a warm-up (imports, first-call caches)
             model = build()
             a, kw = adapter_for(model).example(model, 2, device="meta", text_length=text or 300)
             t0 = time.perf_counter()
-            traced = graftfx.trace(model, a, kw)
+            traced = graftfx.trace(model, a, kw, repeats=repeats)
             t1 = time.perf_counter()
             graftfx.splice(graftfx.select(traced, graftfx.load_rules(HYENA)))
             runs.append((t1 - t0, time.perf_counter() - t1))
         tr, rest = (statistics.median(r[i] for r in runs[1:]) for i in (0, 1))
         met = "met" if tr + rest < TARGET_TRACE_S else "MISSED"
-        print(f"| {name} | {tr:.2f} | {rest:.2f} | {tr + rest:.2f} | < {TARGET_TRACE_S:.0f} s: {met} |")
+        print(f"| {name} | {mode} | {tr:.2f} | {rest:.2f} | {tr + rest:.2f} | < {TARGET_TRACE_S:.0f} s: {met} |")
 
 
 def _time(fn, repeat: int) -> float:
@@ -147,6 +150,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("trace", help="trace + match + splice seconds on the meta device")
     t.add_argument("--repeat", type=int, default=3)
+    t.add_argument("--full", action="store_true", help="also trace every block (repeats=False), for comparison")
     lat = sub.add_parser("latency", help="per-step latency, base vs grafts")
     lat.add_argument("--sizes", type=int, nargs="*", help="image sizes in px (default: 1024 2048 on GPU, 256 512 on CPU)")
     lat.add_argument("--blocks", type=int, help="transformer blocks (default: 28 on GPU, 2 on CPU)")

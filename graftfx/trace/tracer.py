@@ -2,11 +2,12 @@
 
 Fast path ``torch.fx.symbolic_trace``; fallback ``torch.export`` (non-strict) with a dynamic
 batch dimension for models FX cannot trace (diffusers transformers). Either way the batch
-dimension stays symbolic, so the traced and rewritten graphs run at other batch sizes.
+dimension stays symbolic, so the traced and rewritten graphs run at other batch sizes. The
+export exports two blocks of each stack of identical blocks and repeats the second's graph for
+the rest (``graftfx.trace.repeats``; ``repeats=False`` exports every block).
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,8 @@ import torch.nn as nn
 
 from graftfx.errors import GraftError
 
-PATH = "graftfx_path"    # node.meta key: module path the node came from ("" at the root)
-SHAPE = "graftfx_shape"  # node.meta key: output shape at the example inputs (tuple) or None
-DTYPE = "graftfx_dtype"
+from .meta import DTYPE, PATH, SHAPE, SHAPES_RECORDED, normalise_path
+
 
 
 @dataclass
@@ -66,11 +66,13 @@ def node_shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def trace(model: nn.Module, example_inputs: tuple | list = (), example_kwargs: dict | None = None, *,
-          tracer: str = "auto", grid: tuple[int, int] | None = None) -> TracedGraph:
+          tracer: str = "auto", grid: tuple[int, int] | None = None, repeats: bool = True) -> TracedGraph:
     """Trace ``model`` at ``example_inputs`` (batch >= 2 so the batch dimension stays symbolic).
 
     ``tracer``: "auto" (FX, then export), "fx" or "export". The model may live on the meta
-    device (nothing is materialised). Raises ``GraftError`` naming both failures when neither
+    device (nothing is materialised). ``repeats``: on the export path, export each stack of
+    identical blocks as two blocks and repeat block 1's graph for the rest (graftfx.trace.repeats;
+    ``False`` exports every block). Raises ``GraftError`` naming both failures when neither
     tracer can handle the model.
     """
     if tracer not in ("auto", "fx", "export"):
@@ -92,7 +94,7 @@ def trace(model: nn.Module, example_inputs: tuple | list = (), example_kwargs: d
         errors["torch.fx.symbolic_trace"] = "keyword example inputs need the export tracer"
     if gm is None and tracer in ("auto", "export"):
         try:
-            gm = _export(model, args, kwargs, notes)
+            gm = _export(model, args, kwargs, notes, repeats)
             used = "export"
         except Exception as e:  # noqa: BLE001
             errors["torch.export (non-strict)"] = _one_line(e)
@@ -105,7 +107,8 @@ def trace(model: nn.Module, example_inputs: tuple | list = (), example_kwargs: d
     if errors:
         traced.notes.append("fell back to torch.export: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     annotate_paths(gm)
-    propagate_shapes(traced)
+    if not gm.meta.get(SHAPES_RECORDED):   # the repeats shortcut records them on the short graph
+        propagate_shapes(traced)
     traced.seconds = time.perf_counter() - start
     return traced
 
@@ -159,9 +162,10 @@ def _dynamic_spec(value, batch: int | None):
     return None
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, notes: list[str]) -> fx.GraphModule:
+def _export(model: nn.Module, args: tuple, kwargs: dict, notes: list[str], repeats: bool = True) -> fx.GraphModule:
     import inspect
 
+    call = (args, dict(kwargs))
     batch = _batch_of((args, kwargs))
     params = inspect.signature(model.forward).parameters
     var_kw = next((p.name for p in params.values() if p.kind == inspect.Parameter.VAR_KEYWORD), None)
@@ -177,16 +181,44 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, notes: list[str]) -> fx
     kwargs = {k: v for k, v in kwargs.items() if k not in fixed}
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     spec = {name: _dynamic_spec(value, batch) for name, value in bound.arguments.items()}
-    hook = model.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, **fixed}), with_kwargs=True) if fixed else None
-    try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
-    finally:
-        if hook is not None:
-            hook.remove()
+
+    def export() -> fx.GraphModule:
+        hook = (model.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, **fixed}), with_kwargs=True)
+                if fixed else None)
+        try:
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False).module()
+        finally:
+            if hook is not None:
+                hook.remove()
+        return _without_metadata_asserts(exported)
+
+    gm = None
+    if repeats:
+        from .repeats import export_with_repeats
+
+        on_meta = any(p.is_meta for p in model.parameters())
+        gm = export_with_repeats(model, export, *call, notes,
+                                 prepare=lambda short: record_shapes(short, "export", *call, on_meta))
+    if gm is None:
+        gm = export()
     if fixed:
         notes.append("fixed at trace time (keywords of **" + var_kw + "): "
                      + ", ".join(f"{k}={v!r}" for k, v in fixed.items()) + "; call the traced model without them")
-    return ep.module()
+    return gm
+
+
+def _without_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` without export's ``aten._assert_tensor_metadata`` checks: export pins the dtype and
+    device of every tensor the model casts (``x.to(q.dtype)``), which would refuse the graph under
+    autocast or at another dtype (bf16 FSDP, ``pipe.to(torch.bfloat16)``). They compute nothing;
+    the casts themselves stay."""
+    check = torch.ops.aten._assert_tensor_metadata.default
+    dropped = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is check and not n.users]
+    for node in dropped:
+        gm.graph.erase_node(node)
+    if dropped:
+        gm.recompile()
+    return gm
 
 
 def _has_tensor(value) -> bool:
@@ -199,15 +231,6 @@ def _has_tensor(value) -> bool:
     return False
 
 
-_BRACKETS = re.compile(r"\[(\d+)\]")
-
-
-def _normalise_path(path: str) -> str:
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    path = _BRACKETS.sub(r".\1", path)
-    return path.strip(".")
-
-
 def annotate_paths(gm: fx.GraphModule) -> None:
     """Set ``node.meta[PATH]`` for every node: the innermost module that produced it."""
     for node in gm.graph.nodes:
@@ -217,7 +240,7 @@ def annotate_paths(gm: fx.GraphModule) -> None:
             path = node.target.rsplit(".", 1)[0] if "." in node.target else ""
         else:
             stack = node.meta.get("nn_module_stack") or {}
-            path = _normalise_path(list(stack.values())[-1][0]) if stack else ""
+            path = normalise_path(list(stack.values())[-1][0]) if stack else ""
         node.meta[PATH] = path
 
 
@@ -235,15 +258,18 @@ class _ShapeRecorder(fx.Interpreter):
 
 def propagate_shapes(traced: TracedGraph) -> None:
     """Run the graph once at the example inputs (on meta when the model is), recording shapes."""
-    args, kwargs = traced.args, traced.kwargs
-    if traced.on_meta:
+    record_shapes(traced.gm, traced.tracer, traced.args, traced.kwargs, traced.on_meta)
+
+
+def record_shapes(gm: fx.GraphModule, tracer: str, args: tuple, kwargs: dict, on_meta: bool) -> None:
+    if on_meta:
         args = tuple(_to_meta(a) for a in args)
         kwargs = {k: _to_meta(v) for k, v in kwargs.items()}
     with torch.no_grad():
-        if traced.tracer == "export":
-            _ShapeRecorder(traced.gm).run(*flatten_export_inputs(traced.gm, args, kwargs))
+        if tracer == "export":
+            _ShapeRecorder(gm).run(*flatten_export_inputs(gm, args, kwargs))
         else:
-            _ShapeRecorder(traced.gm).run(*args)
+            _ShapeRecorder(gm).run(*args)
 
 
 def flatten_export_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
