@@ -4,9 +4,11 @@
 # PYTHONPATH. Runs the CUDA tests (tests/cuda) under a time limit, then the kernel benchmarks
 # (`graftfx bench --kernels`: every kernel core against flex_attention / SDPA / the installed
 # baselines, output-checked, with the issue-14 targets as ratios) under a time budget, then
-# writes one JSON and one markdown summary (device, versions, date, each test's outcome, the
-# kernel table and its targets) to $GPU_CHECK_OUT (default benchmarks/gpu_check/; $OUT when the
-# device tool sets it). Budget: tests 300 s + kernel bench 120 s (+45 s grace) < 8 minutes.
+# then the per-step latency of a PixArt-Sigma-sized transformer at 1024 and 2048 px (issue 10:
+# base vs 50% Hyena-X and SWA, `benchmarks/bench_diffusers.py latency`), then writes one JSON and one
+# markdown summary (device, versions, date, each test's outcome, the kernel and latency tables) to
+# $GPU_CHECK_OUT (default benchmarks/gpu_check/; $OUT when the device tool sets it).
+# Budget: tests 240 s + kernel bench 120 s (+45 s grace) + latency 75 s < 8 minutes.
 #
 #     bash benchmarks/gpu_check.sh            # or: make gpu-check
 #
@@ -17,7 +19,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 DEST=${GPU_CHECK_OUT:-${OUT:-$ROOT/benchmarks/gpu_check}}
-LIMIT=${GPU_CHECK_LIMIT_S:-300}          # the tests' share of the 8-minute budget
+LIMIT=${GPU_CHECK_LIMIT_S:-240}          # the tests' share of the 8-minute budget
+LATENCY_S=${GPU_CHECK_LATENCY_S:-75}     # the per-step latency table's
 BENCH_S=${GPU_CHECK_BENCH_S:-120}        # the kernel bench's: no new timing starts after it
 mkdir -p "$DEST"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,6 +56,13 @@ brc=$?
 cat "$DEST/kernels.md"
 [ "$brc" = 124 ] && echo "gpu-check: the kernel benchmarks ran past $(( BENCH_S + 45 )) s and were stopped"
 [ "$brc" != 0 ] && tail -n 5 "$DEST/kernels.log"
+
+echo "gpu-check: per-step latency, PixArt-Sigma size (budget ${LATENCY_S} s)"
+timeout "$LATENCY_S" "$PY" benchmarks/bench_diffusers.py latency --repeat 5 > "$DEST/latency.md" 2> "$DEST/latency.log"
+lrc=$?
+cat "$DEST/latency.md"
+[ "$lrc" = 124 ] && echo "gpu-check: the latency table ran past ${LATENCY_S} s and was stopped (rows so far kept)"
+[ "$lrc" != 0 ] && tail -n 5 "$DEST/latency.log"
 
 "$PY" - "$DEST" "$rc" "$(( $(date +%s) - start ))" "$brc" <<'PY'
 import datetime, json, platform, sys, xml.etree.ElementTree as ET
@@ -93,6 +103,12 @@ except OSError:
     kernel_md = ""
 md += ["", "Kernel benchmarks (`graftfx bench --kernels`, exit " + str(brc) + "):", "",
        kernel_md.strip() or "(no output: see kernels.log)"]
+try:
+    latency_md = (dest / "latency.md").read_text()
+except OSError:
+    latency_md = ""
+md += ["", "Per-step latency (`python benchmarks/bench_diffusers.py latency --repeat 5`):", "",
+       latency_md.strip() or "(no output: see latency.log)"]
 (dest / "gpu_check.md").write_text("\n".join(md) + "\n")
 print(md[0])
 PY

@@ -247,7 +247,7 @@ class RuleSet:
 
 
 def load_rules(source, *, allow_imports: bool = False) -> RuleSet:
-    """A RuleSet from a TOML path, a TOML string of a [[rule]] file, a Rule or a list of Rules."""
+    """A RuleSet from a TOML file path (or a bundled rule file's name), a Rule or a list of Rules."""
     if isinstance(source, RuleSet):
         return source
     if isinstance(source, Rule):

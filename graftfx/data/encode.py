@@ -46,6 +46,7 @@ from graftfx.io import atomic_save_safetensors, atomic_write_json, file_sha256, 
 
 FORMAT = 1
 INDEX = "index.json"
+NULL_CAPTION = "null.safetensors"   # the empty caption, encoded: the unconditional input of text models
 LOCK = ".lock"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -379,24 +380,34 @@ def encode_captions(captions, out, *, pipeline=None, text_encoder=None, tokenize
                 "encoder_dtype": encoder_dtype, "encoder_config": _config_record(encoder.config.to_dict()),
                 "encoder_weights": state_digest(encoder), "tokenizer": _folder_digest(tok_folder)}
 
+    def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = tok(batch, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                return_tensors="pt")
+        ids, mask = t.input_ids.to(device), t.attention_mask.to(device)       # (B, L)
+        with torch.inference_mode():
+            h = encoder(input_ids=ids, attention_mask=mask)[0]                 # (B, L, D)
+        return h.to(store).cpu(), mask.long().cpu()
+
     def make_shard(start: int, stop: int, bar) -> dict[str, torch.Tensor]:
         embs, masks = [], []
         for b in range(start, stop, batch_size):
             batch = texts[b:min(stop, b + batch_size)]
-            t = tok(batch, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
-                    return_tensors="pt")
-            ids, mask = t.input_ids.to(device), t.attention_mask.to(device)       # (B, L)
-            with torch.inference_mode():
-                h = encoder(input_ids=ids, attention_mask=mask)[0]                 # (B, L, D)
-            embs.append(h.to(store).cpu())
-            masks.append(mask.long().cpu())
+            h, mask = encode(batch)
+            embs.append(h)
+            masks.append(mask)
             bar.update(len(batch))
         return {"embeddings": torch.cat(embs), "mask": torch.cat(masks)}
 
     info = {"text_encoder_folder": str(te_folder), "tokenizer_folder": str(tok_folder), "pipeline": pipe_class}
-    return _write_sharded(Path(out), "captions", settings, len(texts), shard_size, make_shard,
-                          source=("captions.json", texts), info=info, progress=progress, desc="encode captions",
-                          unit="caption", metadata={"captions_sha256": settings["captions_sha256"]})
+    out = _write_sharded(Path(out), "captions", settings, len(texts), shard_size, make_shard,
+                         source=("captions.json", texts), info=info, progress=progress, desc="encode captions",
+                         unit="caption", metadata={"captions_sha256": settings["captions_sha256"]})
+    null = out / NULL_CAPTION
+    if not null.is_file():   # the empty caption, as the pipelines encode it: stage 2's unconditional input
+        h, mask = encode([""])
+        atomic_save_safetensors(null, {"null_embeddings": h[0].clone(), "null_mask": mask[0].clone()},
+                                {"captions_sha256": settings["captions_sha256"]})
+    return out
 
 
 def captions_digest(captions: list[str]) -> str:
@@ -599,10 +610,16 @@ def load_latents(folder) -> tuple[torch.Tensor, torch.Tensor]:
 def load_caption_embeddings(path) -> dict[str, torch.Tensor]:
     """{"embeddings": (N, L, D), "mask": (N, L) int64} from a folder that ``encode_captions`` wrote
     (shards checked against their sha256), or from one .safetensors file holding tensors
-    ``embeddings`` and ``mask``."""
+    ``embeddings`` and ``mask``; with the empty caption's ``null_embeddings`` (L, D) and
+    ``null_mask`` (L,) when the folder (its ``null.safetensors``) or file has them."""
     path = Path(path)
     if path.is_dir():
-        return _read_shards(path, "captions", ("embeddings", "mask"))
+        out = _read_shards(path, "captions", ("embeddings", "mask"))
+        if (path / NULL_CAPTION).is_file():
+            from safetensors.torch import load_file
+
+            out.update(load_file(str(path / NULL_CAPTION)))
+        return _checked_null(out, path)
     if not path.is_file():
         raise GraftError(f"caption embeddings {path} not found; give a folder from '{_MAKE['captions']}' or a "
                          ".safetensors file with embeddings and mask")
@@ -623,4 +640,21 @@ def load_caption_embeddings(path) -> dict[str, torch.Tensor]:
         raise GraftError(f"caption embeddings {path}: embeddings {str(e.dtype).replace('torch.', '')} "
                          f"{list(e.shape)} and mask {str(m.dtype).replace('torch.', '')} {list(m.shape)}; need float "
                          "(N, L, D) and integer/bool (N, L)")
-    return {"embeddings": e, "mask": m.long()}
+    out = {"embeddings": e, "mask": m.long()}
+    out.update({k: blob[k] for k in ("null_embeddings", "null_mask") if k in blob})
+    return _checked_null(out, path)
+
+
+def _checked_null(out: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """The empty caption's embedding is one row shaped like the captions' rows, with its mask."""
+    if ("null_embeddings" in out) != ("null_mask" in out):
+        raise GraftError(f"caption embeddings {path}: null_embeddings and null_mask come together (the empty "
+                         "caption's embedding and mask); give both or neither")
+    if "null_embeddings" in out:
+        e, m = out["null_embeddings"], out["null_mask"]
+        if tuple(e.shape) != tuple(out["embeddings"].shape[1:]) or tuple(m.shape) != tuple(out["mask"].shape[1:]):
+            raise GraftError(f"caption embeddings {path}: the empty caption's embedding is {list(e.shape)} with mask "
+                             f"{list(m.shape)}, a caption's is {list(out['embeddings'].shape[1:])}; encode it with "
+                             "the same encoder and --max-length")
+        out["null_mask"] = m.long()
+    return out

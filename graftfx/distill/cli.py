@@ -42,7 +42,8 @@ def _distill(args) -> int:
                           log_every=args.log_every)
         s2 = Stage2Config(steps=args.steps2, batch_size=args.batch2, lr=args.lr2, warmup=args.warmup2,
                           train=args.train, objective=args.objective, ema_decay=args.ema, seed=args.seed,
-                          parallel=args.parallel,
+                          parallel=args.parallel, fsdp_precision=args.fsdp_precision,
+                          activation_checkpointing=args.activation_checkpointing,
                           ckpt_every=args.ckpt_every, log_every=args.log_every)
     except ValueError as e:
         raise GraftError(str(e)) from None
@@ -115,6 +116,8 @@ def _data(args) -> dict:
     out = {"latents": latents, "labels": labels}
     if captions is not None:
         out["conditioning"] = {"embeddings": captions["embeddings"].float(), "mask": captions["mask"]}
+        if "null_embeddings" in captions:   # the empty caption: stage 2's unconditional input
+            out["unconditional"] = {"embeddings": captions["null_embeddings"].float(), "mask": captions["null_mask"]}
     if args.scheduler:
         out["schedule"] = NoiseSchedule.from_folder(args.scheduler)
     return out
@@ -175,7 +178,14 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
                    help="DiT loss on data, output distillation against the teacher, or both")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay (paper: 0.9999 over long runs)")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
-                   help="under torchrun: DDP, or FSDP (fully_shard) for models that do not fit one device")
+                   help="under torchrun: DDP, or FSDP2 (each block one fully_shard unit; every rank checkpoints "
+                        "its own shards) for models that do not fit one device")
+    g.add_argument("--fsdp-precision", choices=["bf16", "fp32"], default="bf16",
+                   help="FSDP: bf16 parameters in forward/backward with fp32 gradient reduction and fp32 master "
+                        "weights, or fp32 throughout (default %(default)s)")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block's activations in backward instead of keeping them "
+                        "(default: on under --parallel fsdp, off otherwise)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration, batches and init")
     g.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device (default: %(default)s)")

@@ -28,6 +28,7 @@ from graftfx.trace.tracer import trace
 from graftfx.training import CheckpointStore
 
 from .assign import assign, region_costs
+from .cache import INDEX as CACHE_INDEX
 from .cache import (DTYPES, ActivationCache, CacheSpec, OnlineTeacher, ShardedCache, data_fingerprint, field_shapes,
                     find_cached, write_cache)
 from graftfx.models.adapters import ADAPTERS, ModelAdapter, NoiseSchedule, ReadyInputs, adapter_for
@@ -120,13 +121,15 @@ def run_distill(model, example_inputs, rules, latents: torch.Tensor, labels: tor
 def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor | None, out, settings: DistillSettings, *,
                  conditioning: dict[str, torch.Tensor] | None = None, schedule: NoiseSchedule | None = None,
                  adapter: ModelAdapter | None = None, ready: ReadyInputs | None = None,
+                 unconditional: dict[str, torch.Tensor] | None = None,
                  cache=None, model_id: str = "", resume: bool = False,
                  progress: bool = True, log=print) -> DistillResult:
     """Splice ``plan`` and distill the result; everything lands in ``out``.
 
     The data: clean ``latents`` (N, C, H, W) with their conditioning — ``labels`` (N,) for
     class-conditional models, ``conditioning`` (``embeddings`` (N, S, D), ``mask`` (N, S)) for
-    text-conditional ones — noised by ``schedule`` (default: the model's, DDPM linear 1000
+    text-conditional ones, with ``unconditional`` (the empty caption's ``embeddings`` (S, D) and
+    ``mask`` (S,)) for stage 2's conditioning dropout — noised by ``schedule`` (default: the model's, DDPM linear 1000
     steps); the model is called through ``adapter`` (default: ``adapter_for(model)``). Or
     ``ready``: calibration inputs prepared by the user (stage 1 only).
 
@@ -189,7 +192,12 @@ def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor | None,
         else:
             root = Path(settings.cache.replace("{rank}", str(rank)) if settings.cache else out / "cache")
             spec = CacheSpec(settings.samples, settings.shard_size, settings.cache_dtype, seed, model_hash, data_hash)
-            if world == 1:
+            found = find_cached(root, taps, **expect) if world == 1 and root.is_dir() else {}
+            if world == 1 and len(found) == len(taps) and not (root / CACHE_INDEX).exists():
+                # the rank folders of an earlier run at another world size: every region is there
+                source = ShardedCache(found)
+                say(f"teacher activations: reused from {len({id(c) for c in found.values()})} folder(s) under {root}")
+            elif world == 1:
                 write_cache(root, traced, taps, calib, spec, batch_size=settings.record_batch, progress=progress,
                             log=say)
                 source = ActivationCache(root, taps=taps, **expect)
@@ -210,10 +218,12 @@ def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor | None,
         if cfg.num_classes == 1000 and hasattr(model, "config") and hasattr(model.config, "num_embeds_ada_norm"):
             cfg.num_classes = int(model.config.num_embeds_ada_norm or 1000)
         teacher = model if cfg.objective != "diffusion" or cfg.train == "all" else None
-        resume2 = resume and (settings.stage == "2" or has_checkpoint(out / "stage2"))  # stage 2 may not have begun
+        resume2 = resume and (settings.stage == "2"   # stage 2 may not have begun
+                              or has_checkpoint(out / "stage2", rank, world, cfg.parallel))
         result.stage2 = train_stage2(grafted, teacher, latents, labels, cfg, out / "stage2", resume=resume2, rank=rank,
                                      world=world, progress=progress, adapter=adapter, base=model,
-                                     conditioning=conditioning, schedule=schedule)
+                                     conditioning=conditioning, schedule=schedule, unconditional=unconditional,
+                                     log=say)
         apply_ema(grafted, result.stage2["ema"])
     if rank == 0 and settings.export:
         metrics = {}

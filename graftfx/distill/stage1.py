@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from graftfx.errors import GraftError
 from graftfx.match.paths import short_name
 from graftfx.match.region import feature_of
-from graftfx.training import CheckpointStore, Metrics, lr_lambda, plot_curves, restore_rng, rng_state, run_steps
+from graftfx.training import (CheckpointStore, Metrics, agreed_checkpoint, lr_lambda, plot_curves, restore_rng, rng_state,
+                              run_steps)
 
 LOSSES = ("l1", "l2", "huber")
 
@@ -128,7 +129,7 @@ def train_stage1(jobs: list[RegionJob], source, cfg: Stage1Config, out_dir, *, r
     last = {p: float("nan") for p in paths}
     start = 0
     if resume:
-        ckpt = _agreed_checkpoint(store, world)
+        ckpt = agreed_checkpoint(store, world, "stage 1")
         start = _load(ckpt, mine, opts, scheds, sampler)
         last.update({p: v for p, v in ckpt.meta.get("losses", {}).items() if p in last})
     else:
@@ -241,25 +242,6 @@ def _average_gradients(module: nn.Module, group, size: int) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def _agreed_checkpoint(store: CheckpointStore, world: int):
-    """The checkpoint to resume from: the newest; under torchrun, the newest step every rank has
-    (a rank killed mid-run may be one checkpoint behind the others)."""
-    ckpt = store.require()
-    if world == 1:
-        return ckpt
-    import torch.distributed as dist
-
-    step = torch.tensor([ckpt.step], dtype=torch.long)
-    dist.all_reduce(step, op=dist.ReduceOp.MIN)
-    if int(step) == ckpt.step:
-        return ckpt
-    older = store.at(int(step))
-    if older is None:
-        raise GraftError(f"stage 1 resume: the ranks' newest common checkpoint is step {int(step)}, which "
-                         f"{store.root} no longer holds (it has {store.steps()}); start again without --resume")
-    return older
 
 
 def _device_of(jobs) -> torch.device:

@@ -3,7 +3,14 @@
 Objectives: the DiT diffusion loss on real data (latents + labels), output distillation
 against the teacher (MSE of the full model output on the same noised inputs), or both.
 Trains all parameters (the paper) or only the spliced ones; AdamW with warmup; EMA of the
-trained weights; bf16 autocast on CUDA; DDP (or FSDP) when run under torchrun.
+trained weights; bf16 autocast on CUDA; DDP (or FSDP2) when run under torchrun.
+
+Under FSDP (``parallel="fsdp"``) the grafted graph is cut into its blocks
+(``graftfx.training.blockwise``), each block one ``fully_shard`` unit with bf16 parameters in
+forward/backward and fp32 gradient reduction (``fsdp_precision``), activations recomputed in
+backward (``activation_checkpointing``), and every rank checkpoints its own shards (parameters,
+EMA, AdamW moments) into its own folder: a run resumes with no shared filesystem. Under DDP rank 0
+writes the checkpoints and, on resume, reads them and sends them to the other ranks.
 
 ``batch_size`` is the global batch: every rank draws the same batch (indices, label dropout,
 timesteps, noise) from the same seed and trains on its 1/world slice, so DDP and FSDP follow the
@@ -22,7 +29,11 @@ import torch.nn.functional as F
 
 from graftfx.errors import GraftError
 from graftfx.models.diffusion import GaussianDiffusion
-from graftfx.training import CheckpointStore, Metrics, lr_lambda, plot_curves, restore_rng, rng_state, run_steps
+from graftfx.training import (CheckpointStore, Metrics, agreed_checkpoint, lr_lambda, plot_curves, restore_rng,
+                              rng_state, run_steps)
+from graftfx.training.blockwise import split_blocks
+from graftfx.training.fsdp import (PRECISIONS, full, load_local, load_local_optimizer_state, local,
+                                   local_optimizer_state, shard, unshard_into)
 
 OBJECTIVES = ("diffusion", "distill", "both")
 
@@ -40,6 +51,8 @@ class Stage2Config:
     objective: str = "diffusion"
     distill_weight: float = 1.0
     parallel: str = "ddp"       # under torchrun: "ddp", or "fsdp" (FSDP2 fully_shard) for models that do not fit
+    fsdp_precision: str = "bf16"  # FSDP: "bf16" (bf16 compute, fp32 reduction and master weights) or "fp32"
+    activation_checkpointing: bool | None = None  # recompute each block in backward; None: on under FSDP
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
     num_classes: int = 1000     # the null class index for dropped labels
     seed: int = 0
@@ -52,6 +65,8 @@ class Stage2Config:
             raise ValueError(f"stage 2 train must be all or spliced, got {self.train!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"stage 2 parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.fsdp_precision not in PRECISIONS:
+            raise ValueError(f"stage 2 fsdp_precision must be one of {', '.join(PRECISIONS)}, got {self.fsdp_precision!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"stage 2 objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not 0 <= self.ema_decay < 1:
@@ -87,45 +102,63 @@ def unshare(grafted: nn.Module, teacher: nn.Module) -> None:
 _LEGACY = ("model.safetensors", "ema.safetensors", "optim.pt", "state.json")
 
 
-def checkpoint_root(out_dir) -> Path:
-    """Where stage 2 keeps its step checkpoints (written by rank 0): ``OUT/checkpoint``."""
-    return Path(out_dir) / "checkpoint"
+def checkpoint_root(out_dir, rank: int = 0, world: int = 1, parallel: str = "ddp") -> Path:
+    """Where stage 2 keeps its step checkpoints: ``OUT/checkpoint`` (written by rank 0), or under
+    FSDP each rank's own ``OUT/checkpoint/rankR-of-W`` (its shards)."""
+    root = Path(out_dir) / "checkpoint"
+    return root / f"rank{rank}-of-{world}" if world > 1 and parallel == "fsdp" else root
 
 
-def has_checkpoint(out_dir) -> bool:
+def has_checkpoint(out_dir, rank: int = 0, world: int = 1, parallel: str = "ddp") -> bool:
     """Whether ``out_dir`` holds a complete stage 2 checkpoint (a ``--stage both --resume`` of a
-    run stopped before stage 2 began starts stage 2 afresh instead of failing)."""
-    return CheckpointStore(checkpoint_root(out_dir)).latest() is not None
+    run stopped before stage 2 began starts stage 2 afresh instead of failing). Under torchrun
+    (collective) the ranks agree: rank 0's answer under DDP, every rank's own under FSDP."""
+    have = CheckpointStore(checkpoint_root(out_dir, rank, world, parallel)).latest() is not None
+    if world == 1:
+        return have
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(have)])
+    if parallel == "fsdp":
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    else:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor | None, cfg: Stage2Config, out_dir, *,
                  resume: bool = False, rank: int = 0, world: int = 1, device=None, progress: bool = True,
-                 adapter=None, base=None, conditioning: dict | None = None, schedule=None) -> dict:
+                 adapter=None, base=None, conditioning: dict | None = None, schedule=None,
+                 unconditional: dict | None = None, log=print) -> dict:
     """Finetune ``grafted`` (in place). Returns {"loss": last loss, "ema": {name: tensor}, "steps": n,
     "checkpoint": the newest step folder}.
 
-    Rank 0 writes the checkpoints: ``step-N/model.safetensors`` (the whole model),
+    Checkpoints (``checkpoint_root``): ``step-N/model.safetensors`` (the whole model),
     ``step-N/ema.safetensors`` (EMA of the trained parameters), ``step-N/train.safetensors``
-    (optimizer, scheduler, sampler and RNG state; not under FSDP, whose runs do not resume) and
-    ``step-N/state.json``. ``resume`` continues from the newest complete one (a GraftError when
-    there is none); a run without it starts over and removes the old checkpoints.
+    (optimizer, scheduler, sampler and RNG state) and ``step-N/state.json``; rank 0 writes them,
+    or under FSDP every rank its own shards of each. ``resume`` continues from the newest complete
+    one (under FSDP the newest every rank has; a GraftError when there is none); a run without it
+    starts over and removes the old checkpoints.
 
     ``adapter`` (``graftfx.models.adapters``; ``base`` the model it reads its config from): how to
     call a model that is not graftfx's DiT, with ``conditioning`` (per-latent tensors) and the
     loss of ``schedule``'s prediction type (epsilon, v-prediction or flow matching) on the first
     C output channels. Without it (graftfx's DiT): DiT's loss, eps-MSE + the learned-variance term.
+    Conditioning is dropped with probability ``class_dropout`` (classifier-free guidance): to the
+    null class, or to ``unconditional`` (one sample's conditioning, as the empty caption's
+    ``embeddings`` (L, D) and ``mask`` (L,)) for models with no null class.
     """
     from graftfx.models.adapters import GraftfxDiTAdapter, NoiseSchedule
 
     generic = adapter is not None and not isinstance(adapter, GraftfxDiTAdapter)
+    if generic and cfg.class_dropout > 0 and not adapter.has_null(unconditional) and rank == 0:
+        log("stage 2: no unconditional input for this model (the captions carry no encoded empty caption; "
+            "'graftfx data captions' writes one), so no conditioning is dropped and no unconditional branch trains")
     schedule = schedule or NoiseSchedule()
     conditioning = dict(conditioning or {})
     out = Path(out_dir)
-    store = CheckpointStore(checkpoint_root(out))
     fsdp = world > 1 and cfg.parallel == "fsdp"
-    if resume and fsdp:
-        raise GraftError("--resume is not supported with --parallel fsdp (sharded optimizer state is not saved); "
-                         "fix: rerun without --resume, or use --parallel ddp")
+    store = CheckpointStore(checkpoint_root(out, rank, world, cfg.parallel))
     if cfg.batch_size % world:
         raise GraftError(f"stage 2 batch {cfg.batch_size} does not split over {world} ranks; "
                          f"fix: pass a --batch2 divisible by {world}")
@@ -139,31 +172,41 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor |
     params = [(n, p) for n, p in grafted.named_parameters() if cfg.train == "all" or id(p) in spliced]
     for _, p in grafted.named_parameters():
         p.requires_grad_(any(p is q for _, q in params))
-    model = grafted.train()
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(grafted)  # parameters become sharded DTensors; forward gathers them
-        params = [(n, p) for n, p in grafted.named_parameters() if p.requires_grad]
+    model, split = grafted.train(), None
+    recompute = cfg.activation_checkpointing if cfg.activation_checkpointing is not None else fsdp
+    if fsdp or recompute:   # the graph cut into its blocks: the units FSDP shards and recomputes
+        split = split_blocks(grafted, activation_checkpointing=recompute)
+        model = split.module.train()
+    if fsdp:   # parameters become sharded DTensors; each unit gathers its own in forward and backward
+        shard(split, cfg.fsdp_precision)
+        params = [(split.names[n], p) for n, p in model.named_parameters() if p.requires_grad]
     elif world > 1:
-        model = nn.parallel.DistributedDataParallel(grafted)
+        model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", cfg.warmup, cfg.steps))
-    ema = {n: _full(p).detach().clone() for n, p in params}
+    ema = {n: p.detach().clone() for n, p in params}   # sharded like the parameters under FSDP
     diffusion = GaussianDiffusion(num_timesteps=1000)
     sampler = torch.Generator().manual_seed(cfg.seed * 7919)  # the same on every rank: one global batch
     metrics = Metrics(out / (f"metrics-rank{rank}.jsonl" if world > 1 else "metrics.jsonl"))
     start, last = 0, float("nan")
-    if resume:
-        ckpt = store.require()
-        start = _load(ckpt, grafted, opt, sched, ema, sampler)
-        last = float(ckpt.meta.get("loss", last))
-    elif rank == 0:
+    state = _State(grafted, model if fsdp else grafted, split.names if fsdp else None, opt, sched, ema, sampler)
+    if resume and fsdp:   # every rank its own shards, from the newest step all ranks have
+        ckpt = agreed_checkpoint(store, world, "stage 2")
+        start, last = state.load(ckpt), float(ckpt.meta.get("loss", last))
+    elif resume:   # rank 0 reads; under DDP it sends the state to the other ranks
+        if rank == 0:
+            ckpt = store.require()
+            start, last = state.load(ckpt), float(ckpt.meta.get("loss", last))
+        if world > 1:
+            start, last = state.broadcast(start, last, rank)
+    elif rank == 0 or fsdp:
         store.clear()  # a fresh run owns its folder: a later --resume never picks up older checkpoints
         for legacy in _LEGACY:
             (store.root / legacy).unlink(missing_ok=True)
     metrics.start(start if resume else None)
-    autocast = device.type == "cuda" and cfg.autocast
+    # bf16 FSDP on any device: a traced graph may cast to fp32 where its model did (timestep
+    # embeddings), and autocast gives the matmuls that then meet bf16 weights one dtype
+    autocast = cfg.autocast and (device.type == "cuda" or (fsdp and cfg.fsdp_precision == "bf16"))
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     def generic_terms(idx, drop, t, noise, x0) -> dict[str, torch.Tensor]:
@@ -171,7 +214,7 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor |
         cond = {k: v[idx[mine]].to(device) for k, v in conditioning.items()}
         if labels is not None:
             cond["labels"] = labels[idx[mine]].to(device)
-        cond = adapter.null_conditioning(cond, drop[mine], base)
+        cond = adapter.null_conditioning(cond, drop[mine], base, unconditional)
         x_t = schedule.add_noise(x0, t, noise)
         args, kwargs = adapter.inputs(base, x_t, t, cond)
         channels = x0.shape[1]
@@ -196,13 +239,13 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor |
         x0 = latents[idx[mine]].to(device).float()
         t, noise = t[mine].to(device), noise[mine].to(device)
         if generic:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 terms = generic_terms(idx, drop, t, noise, x0)
                 loss = sum(terms.values())
             return apply(loss, terms)
         y = labels[idx[mine]].to(device)
         y = torch.where(drop[mine].to(device), torch.full_like(y, cfg.num_classes), y)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             terms = {}
             if cfg.objective in ("diffusion", "both"):
                 terms["diffusion"] = diffusion.training_losses(model, x0, t, {"y": y}, noise=noise)["loss"].mean()
@@ -226,7 +269,7 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor |
         sched.step()
         with torch.no_grad():
             for n, p in params:
-                ema[n].mul_(cfg.ema_decay).add_(_full(p.detach()), alpha=1 - cfg.ema_decay)
+                ema[n].mul_(cfg.ema_decay).add_(p.detach(), alpha=1 - cfg.ema_decay)
         last = values["loss/total"]
         return {**values, "lr": sched.get_last_lr()[0]}
 
@@ -235,11 +278,15 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor |
         return f"loss={last:.4g}"
 
     def checkpoint(done: int) -> None:
-        _save(store, grafted, opt, sched, ema, sampler, done, cfg, last, write=rank == 0)
+        if rank == 0 or fsdp:
+            state.save(store, done, {"config": asdict(cfg), "loss": last, "world": world if fsdp else 1})
 
     run_steps("stage 2", start=start, total=cfg.steps, step=step, log=log, checkpoint=checkpoint,
               log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, store=store,
               hint="lower the stage 2 lr (--lr2) and start again without --resume", progress=progress and rank == 0)
+    if fsdp:   # the trained values back into the grafted model, unsharded
+        unshard_into(grafted, split)
+        ema = {n: full(v) for n, v in ema.items()}
     grafted.eval()
     if rank == 0:
         plot_curves(metrics.path, out / "stage2-loss.png", "stage 2: finetuning loss")
@@ -248,53 +295,89 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor |
             "checkpoint": str(latest.folder) if latest is not None else None}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP-sharded DTensor (collective: every rank calls it); else ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def apply_ema(grafted: nn.Module, ema: dict[str, torch.Tensor]) -> None:
     """Copy the EMA weights into ``grafted`` (for evaluation and export)."""
     named = dict(grafted.named_parameters())
     with torch.no_grad():
         for n, v in ema.items():
-            p = named[n]
-            if hasattr(p, "full_tensor"):  # FSDP: unshard into a plain parameter again
-                module, _, leaf = n.rpartition(".")
-                setattr(grafted.get_submodule(module) if module else grafted, leaf, nn.Parameter(v.clone()))
-            else:
-                p.copy_(v)
+            named[n].copy_(v)
 
 
-def _save(store: CheckpointStore, grafted, opt, sched, ema, sampler, step: int, cfg: Stage2Config, loss: float,
-          write: bool = True) -> None:
-    """Rank 0 writes; under FSDP every rank takes part in gathering the full tensors."""
-    model = {k: _full(v).detach() for k, v in grafted.state_dict().items()}
-    if not write:
-        return
-    fsdp = any(hasattr(p, "full_tensor") for p in grafted.parameters())
-    states = {}
-    if not fsdp:  # sharded optimizer states are not checkpointed: FSDP runs do not resume
-        states["train"] = {"opt": opt.state_dict(), "sched": sched.state_dict(), "sampler": sampler.get_state(),
-                           "rng": rng_state()}
-    store.save(step, tensors={"model": model, "ema": ema}, states=states,
-               meta={"config": asdict(cfg), "resumable": not fsdp, "loss": loss})
+class _State:
+    """What a stage 2 checkpoint holds, and how it is written, read and shared.
 
+    ``module`` is the model whose state is saved: the grafted model, or under FSDP the sharded
+    block split (``names`` maps its parameter names to the grafted model's), saved shard by shard.
+    """
 
-def _load(ckpt, grafted, opt, sched, ema, sampler) -> int:
-    if not ckpt.meta.get("resumable", False) or not ckpt.has("train"):
-        raise GraftError(f"checkpoint {ckpt.folder} comes from an FSDP run, which does not resume; "
-                         "fix: rerun without --resume, or use --parallel ddp")
-    grafted.load_state_dict(ckpt.tensors("model"), strict=True)
-    saved = ckpt.tensors("ema")
-    if saved.keys() != ema.keys():
-        raise GraftError(f"checkpoint {ckpt.folder} holds the EMA of {len(saved)} parameters, this run trains "
-                         f"{len(ema)}; fix: resume with the --train setting of that run, or start without --resume")
-    for k, v in saved.items():
-        ema[k].copy_(v)
-    train = ckpt.state("train")
-    opt.load_state_dict(train["opt"])
-    sched.load_state_dict(train["sched"])
-    sampler.set_state(train["sampler"])
-    restore_rng(train["rng"])
-    return ckpt.step
+    def __init__(self, grafted, module, names, opt, sched, ema, sampler):
+        self.grafted, self.module, self.names = grafted, module, names
+        self.opt, self.sched, self.ema, self.sampler = opt, sched, ema, sampler
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        if self.names is None:
+            return {k: v.detach() for k, v in self.module.state_dict().items()}
+        out = {self.names[n]: local(p) for n, p in self.module.named_parameters()}
+        out.update({k: v.detach() for k, v in self.grafted.named_buffers()})
+        return out
+
+    def save(self, store: CheckpointStore, step: int, meta: dict) -> None:
+        sharded = self.names is not None
+        opt = local_optimizer_state(self.opt) if sharded else self.opt.state_dict()
+        states = {"train": {"opt": opt, "sched": self.sched.state_dict(), "sampler": self.sampler.get_state(),
+                            "rng": rng_state()}}
+        ema = {n: local(v) for n, v in self.ema.items()}
+        shards = sorted(self.names[n] for n, _ in self.module.named_parameters()) if sharded else []
+        store.save(step, tensors={"model": self.model_state(), "ema": ema}, states=states,
+                   meta={**meta, "resumable": True, "sharded": sharded, "shards": shards})
+
+    def load(self, ckpt) -> int:
+        if not ckpt.meta.get("resumable", False) or not ckpt.has("train"):
+            raise GraftError(f"checkpoint {ckpt.folder} was written by an FSDP run of an older graftfx, which "
+                             "did not save its optimizer state; fix: rerun without --resume")
+        if bool(ckpt.meta.get("sharded", False)) != (self.names is not None):
+            raise GraftError(f"checkpoint {ckpt.folder} is {'sharded (FSDP)' if ckpt.meta.get('sharded') else 'whole'}"
+                             f", this run is not; fix: resume with the --parallel setting of that run")
+        saved = ckpt.tensors("model")
+        if self.names is None:
+            self.module.load_state_dict(saved, strict=True)
+        else:
+            for n, p in self.module.named_parameters():
+                load_local(p, saved[self.names[n]], self.names[n])
+            with torch.no_grad():
+                for k, b in self.grafted.named_buffers():
+                    b.copy_(saved[k])
+        ema = ckpt.tensors("ema")
+        if ema.keys() != self.ema.keys():
+            raise GraftError(f"checkpoint {ckpt.folder} holds the EMA of {len(ema)} parameters, this run trains "
+                             f"{len(self.ema)}; fix: resume with the --train setting of that run, or start without "
+                             "--resume")
+        for k, v in ema.items():
+            load_local(self.ema[k], v, f"EMA {k}")
+        train = ckpt.state("train")
+        if self.names is None:
+            self.opt.load_state_dict(train["opt"])
+        else:
+            load_local_optimizer_state(self.opt, train["opt"])
+        self.sched.load_state_dict(train["sched"])
+        self.sampler.set_state(train["sampler"])
+        restore_rng(train["rng"])
+        return ckpt.step
+
+    def broadcast(self, start: int, last: float, rank: int) -> tuple[int, float]:
+        """DDP resume: rank 0's loaded state to every rank (collective), no shared files."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in [*self.module.state_dict().values(), *self.ema.values()]:
+                dist.broadcast(t, src=0)
+        box = [{"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "sampler": self.sampler.get_state(),
+                "rng": rng_state(), "start": start, "last": last} if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        got = box[0]
+        if rank != 0:
+            self.opt.load_state_dict(got["opt"])
+            self.sched.load_state_dict(got["sched"])
+            self.sampler.set_state(got["sampler"])
+            restore_rng(got["rng"])
+        return got["start"], got["last"]

@@ -181,10 +181,16 @@ class ModelAdapter(abc.ABC):
             out = out[0]
         return out[:, :channels]
 
-    def null_conditioning(self, cond: dict, drop: torch.Tensor, model) -> dict:
+    def null_conditioning(self, cond: dict, drop: torch.Tensor, model, null: dict | None = None) -> dict:
         """``cond`` with the samples where ``drop`` is True replaced by the unconditional input
-        (classifier-free guidance training); adapters without one return ``cond``."""
+        (classifier-free guidance training): the model's own (a null class), or ``null`` (one
+        sample's conditioning without a batch dimension, e.g. the encoded empty caption);
+        adapters with neither return ``cond``."""
         return cond
+
+    def has_null(self, null: dict | None) -> bool:
+        """Whether ``null_conditioning`` can drop conditioning, given ``null``."""
+        return False
 
 
 class _ClassConditional(ModelAdapter):
@@ -197,9 +203,12 @@ class _ClassConditional(ModelAdapter):
     def example_conditioning(self, model, batch, generator, **options):
         return {"labels": torch.randint(self.num_classes(model), (batch,), generator=generator)}
 
-    def null_conditioning(self, cond, drop, model):
+    def null_conditioning(self, cond, drop, model, null=None):
         y = cond["labels"]
         return {**cond, "labels": torch.where(drop.to(y.device), torch.full_like(y, self.num_classes(model)), y)}
+
+    def has_null(self, null):
+        return True
 
 
 class GraftfxDiTAdapter(_ClassConditional):
@@ -250,10 +259,20 @@ class PixArtAdapter(ModelAdapter):
         mask[0, tokens // 2:] = 0           # one padded caption, so the mask path is traced
         return {"embeddings": torch.randn(batch, tokens, width, generator=generator), "mask": mask}
 
-    def null_conditioning(self, cond, drop, model):
-        # PixArt's unconditional input is the encoded empty caption; without it in the data, keep
-        # every caption (stage 2 then trains no unconditional branch: say so where it is used)
-        return cond
+    def null_conditioning(self, cond, drop, model, null=None):
+        # PixArt's unconditional input is the encoded empty caption (``graftfx data captions``
+        # writes it); without it, every caption is kept and no unconditional branch trains
+        if not self.has_null(null):
+            return cond
+        out = dict(cond)
+        for key in ("embeddings", "mask"):
+            v = cond[key]
+            row = null[key].to(device=v.device, dtype=v.dtype).expand_as(v)          # (B, L[, D])
+            out[key] = torch.where(drop.to(v.device).view(-1, *[1] * (v.dim() - 1)), row, v)
+        return out
+
+    def has_null(self, null):
+        return bool(null) and {"embeddings", "mask"} <= set(null)
 
 
 ADAPTERS: dict[str, ModelAdapter] = {"DiT": GraftfxDiTAdapter(), "DiTTransformer2DModel": DiffusersDiTAdapter(),

@@ -249,6 +249,25 @@ class CheckpointStore:
         return Checkpoint(step, folder, meta, files)
 
 
+def agreed_checkpoint(store: CheckpointStore, world: int, what: str) -> Checkpoint:
+    """The checkpoint to resume from: the newest; under torchrun (collective: every rank calls
+    it), the newest step every rank has (a rank killed mid-run may be one checkpoint behind)."""
+    ckpt = store.require()
+    if world == 1:
+        return ckpt
+    import torch.distributed as dist
+
+    step = torch.tensor([ckpt.step], dtype=torch.long)
+    dist.all_reduce(step, op=dist.ReduceOp.MIN)
+    if int(step) == ckpt.step:
+        return ckpt
+    older = store.at(int(step))
+    if older is None:
+        raise GraftError(f"{what} resume: the ranks' newest common checkpoint is step {int(step)}, which "
+                         f"{store.root} no longer holds (it has {store.steps()}); start again without --resume")
+    return older
+
+
 def checkpoint_file(path, name: str = "params.safetensors") -> Path:
     """``path`` itself when it is a file, else ``name`` in the newest complete checkpoint under
     the checkpoint folder ``path`` (for commands that take 'a checkpoint' from the user)."""

@@ -268,6 +268,12 @@ def test_caption_embeddings_are_the_encoder_output_and_masks_count_tokens(pipe, 
     with safe_open(str(out / "shard-00000.safetensors"), "pt") as f:
         assert f.metadata()["captions_sha256"] == captions_digest(CAPTIONS)
     assert json.loads((out / "captions.json").read_text()) == CAPTIONS
+    # the empty caption, encoded the same way: stage 2's unconditional input
+    t = tok([""], padding="max_length", max_length=10, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        null = enc(input_ids=t.input_ids, attention_mask=t.attention_mask).last_hidden_state[0]   # (10, 16)
+    torch.testing.assert_close(got["null_embeddings"], null, rtol=1e-5, atol=1e-6)
+    assert got["null_mask"].tolist() == [1] + [0] * 9                    # just </s>
 
     # a .jsonl of objects; the default length (120 in a PixArtAlphaPipeline folder, else the tokenizer's
     # model_max_length 512 capped at 300) and dtype (float16)
@@ -297,6 +303,12 @@ def test_caption_embeddings_from_a_single_file_and_bad_inputs(tmp_path):
     save_file({"embeddings": e, "mask": m}, str(tmp_path / "emb.safetensors"))
     d = load_caption_embeddings(tmp_path / "emb.safetensors")
     assert torch.equal(d["embeddings"], e) and torch.equal(d["mask"], m.long())
+    save_file({"embeddings": e, "mask": m, "null_embeddings": e[0].clone(), "null_mask": m[0].clone()}, str(tmp_path / "null.safetensors"))
+    d = load_caption_embeddings(tmp_path / "null.safetensors")
+    assert torch.equal(d["null_embeddings"], e[0]) and d["null_mask"].dtype == torch.int64
+    save_file({"embeddings": e, "mask": m, "null_embeddings": e[0, :2].clone(), "null_mask": m[0].clone()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(GraftError, match=r"the empty caption's embedding is \[2, 8\] .* a caption's is \[5, 8\]"):
+        load_caption_embeddings(tmp_path / "bad.safetensors")
     save_file({"prompt_embeds": e}, str(tmp_path / "other.safetensors"))
     with pytest.raises(GraftError, match="lacks embeddings, mask"):
         load_caption_embeddings(tmp_path / "other.safetensors")

@@ -4,6 +4,7 @@ back to identical outputs, and ``--resume`` continues where the run stopped."""
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from safetensors.torch import save_file
@@ -77,3 +78,66 @@ def test_distill_pixart_end_to_end_and_resume(tmp_path, capsys):
     assert main(_argv(tmp_path, "36", ["--resume", "--stage", "1"])) == 0
     more, _ = _losses(tmp_path / "run" / "stage1" / "metrics.jsonl")
     assert [r["step"] for r in more] == list(range(4, 40, 4)) and more[:len(rows)] == rows
+
+
+def test_stage2_drops_captions_to_the_empty_caption(tmp_path, capsys):
+    """With the encoded empty caption, stage 2's conditioning dropout feeds it in place of the
+    dropped captions (all of them at dropout 1); without it, nothing is dropped, and it says so."""
+    from graftfx.distill.stage2 import Stage2Config, train_stage2
+    from graftfx.models.adapters import PixArtAdapter
+
+    torch.manual_seed(0)
+    base = small_diffusers("pixart")
+    base.spliced_parameters = lambda: iter(())   # what stage 2 asks of a grafted model; nothing to graft here
+    seen = []
+
+    class Spy(PixArtAdapter):
+        def inputs(self, model, x_t, t, cond):
+            seen.append((cond["embeddings"].clone(), cond["mask"].clone()))
+            return super().inputs(model, x_t, t, cond)
+
+    g = torch.Generator().manual_seed(0)
+    cond = {"embeddings": torch.randn(8, 6, 24, generator=g), "mask": torch.ones(8, 6, dtype=torch.long)}
+    null = {"embeddings": torch.randn(6, 24, generator=g), "mask": torch.tensor([1, 0, 0, 0, 0, 0])}
+    latents = torch.randn(8, 4, 8, 8, generator=g)
+    cfg = Stage2Config(steps=2, batch_size=4, class_dropout=1.0, warmup=0)
+    for given in (null, None):
+        seen.clear()
+        train_stage2(base, None, latents, None, cfg, tmp_path / str(given is None), progress=False, adapter=Spy(),
+                     base=base, conditioning=cond, unconditional=given)
+        assert len(seen) == 2
+        for emb, mask in seen:
+            if given is None:   # kept: each row is one of the captions
+                assert all(any(torch.equal(e, c) for c in cond["embeddings"]) for e in emb)
+            else:
+                assert all(torch.equal(e, null["embeddings"]) for e in emb)
+                assert all(torch.equal(m, null["mask"]) for m in mask)
+    assert "no unconditional input for this model" in capsys.readouterr().out
+
+
+def test_distill_pixart_under_torchrun_with_fsdp_bf16(tmp_path):
+    """Two ranks (gloo): stage 1 deals PixArt's regions to the ranks and lowers each one's loss;
+    stage 2 runs FSDP2 in bf16 with every block recomputed in backward, on the exported graph (its
+    fp32 casts meet bf16 weights under autocast); the gathered export loads and runs."""
+    from .test_distributed import _run
+
+    _files(tmp_path)
+    argv = _argv(tmp_path, "8", ["--parallel", "fsdp", "--ckpt-every", "2", "--log-every", "2"])
+    res = _run(argv, nproc=2)
+    assert "stage 1 ranks:" in res.stdout
+    seen = {}
+    for rank in (0, 1):
+        _, losses = _losses(tmp_path / "run" / "stage1" / f"metrics-rank{rank}.jsonl")
+        seen.update(losses)
+        stage2 = [json.loads(line)["loss/total"] for line in
+                  (tmp_path / "run" / "stage2" / f"metrics-rank{rank}.jsonl").read_text().splitlines()]
+        assert len(stage2) == 1 and all(math.isfinite(v) for v in stage2)
+    assert set(seen) == {"loss/transformer_blocks.1.attn1", "loss/transformer_blocks.3.attn1",
+                         "loss/transformer_blocks.0.attn2"}
+    assert all(last < first for first, last in seen.values()), seen
+    torch.manual_seed(0)
+    base = small_diffusers("pixart")
+    loaded = graftfx.load_grafted(base, tmp_path / "run" / "grafted", check_hash=False)
+    _, kw = adapter_for(base).example(base, 2, text_length=6)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(**kw)[0]).all()

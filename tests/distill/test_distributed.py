@@ -29,7 +29,6 @@ COMMON = ["--data", "digits", "--samples", "32", "--shard-size", "16", "--steps1
           "--steps2", "3", "--batch2", "4", "--lr2", "1e-3", "--warmup2", "0", "--no-progress", "--ckpt-every", "3",
           "--log-every", "1", "--device", "cpu"]
 ATOL = 1e-6
-LR2 = 1e-3
 
 
 def _free_port() -> int:
@@ -61,9 +60,20 @@ def _base(t):
 
 
 def _stage2_model(run) -> dict[str, torch.Tensor]:
-    ckpt = CheckpointStore(run / "stage2" / "checkpoint").require()
-    assert ckpt.step == 3
-    return ckpt.tensors("model")
+    """The step-3 stage-2 weights: rank 0's checkpoint, or every rank's FSDP shards joined."""
+    root = run / "stage2" / "checkpoint"
+    ranks = sorted(root.glob("rank*-of-*"))
+    if not ranks:
+        ckpt = CheckpointStore(root).require()
+        assert ckpt.step == 3
+        return ckpt.tensors("model")
+    shards = []
+    for folder in ranks:
+        ckpt = CheckpointStore(folder).require()
+        assert ckpt.step == 3 and ckpt.meta["sharded"] is True
+        shards.append(ckpt.tensors("model"))
+    sharded = set(ckpt.meta["shards"])   # FSDP2 shards dim 0 in rank order; buffers are saved whole
+    return {k: torch.cat([s[k] for s in shards]) if k in sharded else shards[0][k] for k in shards[0]}
 
 
 def _assert_follows_single(t, run):
@@ -79,9 +89,19 @@ def _assert_follows_single(t, run):
     assert len(moved) > 0.8 * len(one), f"only {len(moved)} of {len(one)} tensors moved in stage 2"
 
 
-def test_stage1_two_ranks_equal_one_process_and_stage2_ddp_follows_it(single):
+def _stopped_and_resumed(argv, nproc):
+    """Run to stage-2 step 2 (the last --steps2 counts), then ``--resume`` to step 3."""
+    _run(argv + ["--steps2", "2"], nproc=nproc)
+    _run(argv + ["--resume"], nproc=nproc)
+
+
+def test_stage1_two_ranks_equal_one_process_and_stage2_ddp_resumes_and_follows_it(single):
+    """Stage 1 sharded over 2 ranks equals one process exactly. Stage 2 under DDP, stopped after
+    step 2 and resumed, follows one uninterrupted process: on resume rank 0 alone reads its
+    checkpoint and sends the state to the other rank by collectives (no shared files); a rank
+    resuming from anything else would train other weights and move them by O(lr)."""
     t = single
-    _run(_base(t) + ["--out", str(t / "two")], nproc=2)
+    _stopped_and_resumed(_base(t) + ["--out", str(t / "two")], nproc=2)
     root = t / "two" / "stage1" / "checkpoint"
     assert (root / "rank1" / "step-0000006" / "params.safetensors").is_file()
     assert not list(root.glob("step-*")), "per-rank runs write per-rank checkpoint folders only"
@@ -90,21 +110,28 @@ def test_stage1_two_ranks_equal_one_process_and_stage2_ddp_follows_it(single):
     assert one.keys() == two.keys() and len(one) == 16
     for k in one:
         assert torch.equal(one[k], two[k]), k
+    assert CheckpointStore(t / "two" / "stage2" / "checkpoint").steps() == [2, 3]
     _assert_follows_single(t, t / "two")
     for rank in (0, 1):
         rows = [json.loads(line) for line in (t / "two" / "stage2" / f"metrics-rank{rank}.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss/total"]) for r in rows)
 
 
-def test_stage2_fsdp_follows_one_process_and_exports_a_loadable_model(single):
+def test_stage2_fsdp_resumes_from_each_ranks_shards_follows_one_process_and_exports(single):
+    """FSDP2 in fp32, each block one unit recomputed in backward (the FSDP default), stopped after
+    step 2 and resumed, every rank from its own shard folder (parameters, EMA, AdamW moments):
+    it follows one uninterrupted process within the fp32 ATOL, and its export loads."""
     import graftfx
     from graftfx.models import load_dit
 
     t = single
-    _run(_base(t) + ["--out", str(t / "fsdp"), "--parallel", "fsdp"], nproc=2)
+    _stopped_and_resumed(_base(t) + ["--out", str(t / "fsdp"), "--parallel", "fsdp", "--fsdp-precision", "fp32"],
+                         nproc=2)
+    for rank in (0, 1):
+        store = CheckpointStore(t / "fsdp" / "stage2" / "checkpoint" / f"rank{rank}-of-2")
+        ckpt = store.require()
+        assert store.steps() == [2, 3] and ckpt.meta["sharded"] is True and ckpt.has("train")
     _assert_follows_single(t, t / "fsdp")
-    ckpt = CheckpointStore(t / "fsdp" / "stage2" / "checkpoint").require()
-    assert ckpt.meta["resumable"] is False and not ckpt.has("train")
     # a fresh base for each: load_grafted loads the finetuned weights into the modules it shares with the base
     grafted = graftfx.load_grafted(load_dit(t / "teacher.safetensors"), t / "fsdp" / "grafted")
     single_export = graftfx.load_grafted(load_dit(t / "teacher.safetensors"), t / "one" / "grafted")
@@ -112,6 +139,39 @@ def test_stage2_fsdp_follows_one_process_and_exports_a_loadable_model(single):
     with torch.no_grad():
         out, want = grafted(*x), single_export(*x)
     assert torch.isfinite(out).all() and torch.allclose(out, want, atol=1e-5)
+
+
+BF16_RTOL = 1e-2   # bf16 keeps 8 mantissa bits: a loss of ~1 moves by ~4e-3 per rounding, in either direction
+# bf16 rounding changes each gradient by ~0.4% relative; AdamW's normalised step (lr = 1e-3) turns
+# that into tiny weight differences, except where a gradient element is near zero and rounding
+# flips its sign: those move by up to lr either way. Measured after 3 steps: mean |diff| 5.4e-6, and
+# 0.27% of the elements differ by more than 1e-4. A real mismatch (a lost slice, other batches,
+# gradients not averaged) moves most elements by O(lr): mean ~1e-4..1e-3, most of them past 1e-4.
+BF16_MEAN, BF16_FAR = 5e-5, 0.02
+
+
+def _global_losses(run, world) -> list[float]:
+    """Each stage-2 step's loss over the global batch: the mean of the ranks' (equal) slices' losses."""
+    names = [f"metrics-rank{r}.jsonl" for r in range(world)] if world > 1 else ["metrics.jsonl"]
+    per_rank = [[json.loads(line)["loss/total"] for line in (run / "stage2" / n).read_text().splitlines()]
+                for n in names]
+    return [sum(v) / world for v in zip(*per_rank)]
+
+
+def test_stage2_fsdp_bf16_follows_the_loss_curve_of_one_fp32_process(single):
+    """FSDP2 with bf16 parameters in forward and backward (fp32 reduction and master weights;
+    tests/training/test_fsdp.py checks the dtypes): the same loss curve as one fp32 process within
+    bf16 rounding, and weights within what bf16 rounding moves (BF16_MEAN, BF16_FAR above)."""
+    t = single
+    _run(_base(t) + ["--out", str(t / "bf16"), "--parallel", "fsdp"], nproc=2)
+    want, got = _global_losses(t / "one", 1), _global_losses(t / "bf16", 2)
+    assert len(want) == len(got) == 3
+    for a, b in zip(want, got):
+        assert abs(a - b) <= BF16_RTOL * abs(a), (want, got)
+    one, bf16 = _stage2_model(t / "one"), _stage2_model(t / "bf16")
+    diff = torch.cat([(one[k] - bf16[k]).abs().flatten() for k in one])
+    assert diff.mean().item() <= BF16_MEAN and (diff > 1e-4).float().mean().item() <= BF16_FAR, (
+        diff.mean().item(), (diff > 1e-4).float().mean().item())
 
 
 # ------------------------------------------------------------------ scale-out (stage 1)
@@ -140,6 +200,37 @@ def test_four_ranks_with_four_node_local_caches_equal_one_process(single):
         assert len(regions) == 1, regions           # 4 regions of similar cost over 4 ranks: one each
         held += regions
     assert sorted(held) == ["blocks.1.attn", "blocks.1.mlp", "blocks.3.attn", "blocks.3.mlp"]
+
+
+def test_a_resharded_run_reuses_the_cache_folders_that_match_and_records_only_the_rest(single):
+    """The 4 ranks' folders pooled in one place (as copied off the nodes), 3 of them: a 2-rank
+    run records only the missing region, into one new folder; with all 4 pooled, one process
+    records nothing. Both end with the single process's weights."""
+    t = single
+    if not (t / "node0").is_dir():
+        test_four_ranks_with_four_node_local_caches_equal_one_process(single)
+    pooled = t / "pooled"
+    pooled.mkdir()
+    folders = {r: t / f"node{r}" / f"rank{r}-of-4" for r in range(4)}
+    for r in (0, 1, 2):
+        (pooled / folders[r].name).symlink_to(folders[r], target_is_directory=True)
+    one = CheckpointStore(t / "one" / "stage1" / "checkpoint").require().tensors("params")
+    missing = list(json.loads((folders[3] / "index.json").read_text())["regions"])
+    _run(_base(t) + ["--out", str(t / "reshard2"), "--cache", str(pooled)] + STAGE1, nproc=2)
+    new = [p for p in pooled.iterdir() if not p.is_symlink()]
+    assert [p.name for p in new] in (["rank0-of-2"], ["rank1-of-2"]), new
+    assert list(json.loads((new[0] / "index.json").read_text())["regions"]) == missing
+    got = _stage1_params(t / "reshard2")
+    for k in one:
+        assert torch.equal(one[k], got[k]), k
+    new[0].rename(t / "reshard2-cache")
+    (pooled / folders[3].name).symlink_to(folders[3], target_is_directory=True)
+    res = _run(_base(t) + ["--out", str(t / "reshard1"), "--cache", str(pooled)] + STAGE1)
+    assert "reused from 4 folder(s)" in res.stdout and sorted(p.name for p in pooled.iterdir()) == sorted(
+        f.name for f in folders.values())
+    got = _stage1_params(t / "reshard1")
+    for k in one:
+        assert torch.equal(one[k], got[k]), k
 
 
 THREE = RULES.replace('select = { preset = "paper-50" }\noptions = { ratio = 3 }',

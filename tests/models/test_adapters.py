@@ -74,3 +74,20 @@ def test_adapters_call_models_as_their_pipelines_do():
     assert drop["labels"].tolist() == [1, dit.config.num_embeds_ada_norm, 3]
     with pytest.raises(GraftError, match="no model adapter for Linear"):
         adapter_for(torch.nn.Linear(2, 2))
+
+
+def test_pixart_drops_captions_to_the_empty_caption_it_is_given():
+    from graftfx.models.zoo import small_diffusers
+
+    pixart = small_diffusers("pixart")
+    ad = adapter_for(pixart)
+    g = torch.Generator().manual_seed(0)
+    cond = {"embeddings": torch.randn(3, 5, 24, generator=g), "mask": torch.tensor([[1, 1, 1, 0, 0]] * 3)}
+    null = {"embeddings": torch.randn(5, 24, generator=g), "mask": torch.tensor([1, 0, 0, 0, 0])}
+    drop = torch.tensor([False, True, False])
+    assert ad.null_conditioning(cond, drop, pixart) is cond and not ad.has_null(None)   # none given: kept
+    got = ad.null_conditioning(cond, drop, pixart, null)
+    assert ad.has_null(null)
+    assert torch.equal(got["embeddings"][1], null["embeddings"]) and torch.equal(got["mask"][1], null["mask"])
+    for i in (0, 2):
+        assert torch.equal(got["embeddings"][i], cond["embeddings"][i]) and torch.equal(got["mask"][i], cond["mask"][i])

@@ -1029,7 +1029,6 @@ class CliRunner:
             run_distill(digits, digits.example_inputs(2), "digits-mha-hyena_x-50p.toml", lx[:16], ly[:16], f / "run",
                         settings, progress=False, log=lambda *a: None)
         self.stage1 = f / "run" / "stage1" / "checkpoint"
-        params = torch.load if False else None  # noqa: F841
         from graftfx.training import CheckpointStore
 
         p = CheckpointStore(self.stage1).require().tensors("params")
