@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/graftfx demo
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) tests
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trace.py

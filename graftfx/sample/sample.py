@@ -128,6 +128,7 @@ def sample_images(pipe, *, n: int | None = None, labels=None, embeddings=None, n
     DiT: ``labels`` (default: ``n`` labels cycling through the classes); ``guidance`` > 1 is
     classifier-free guidance (DiTPipeline's null class is 1000: the model needs 1000 classes).
     PixArt: ``embeddings`` ({"embeddings", "mask"}), with ``negative`` ones for ``guidance`` > 1
+    (default: the empty caption's ``null_embeddings``/``null_mask`` when the embeddings carry them)
     unless the pipeline has a text encoder (then the empty prompt), or ``prompts`` (text).
     One generator seeded ``seed`` draws every batch's noise in turn: same arguments, same images.
     """
@@ -170,6 +171,8 @@ def sample_images(pipe, *, n: int | None = None, labels=None, embeddings=None, n
             items = [{"prompt_embeds": rows["embeddings"][i:i + 1], "prompt_attention_mask": rows["mask"][i:i + 1]}
                      for i in range(rows["embeddings"].shape[0])]
             if guidance > 1:
+                if negative is None and "null_embeddings" in embeddings:   # the empty caption, from graftfx data
+                    negative = {"embeddings": embeddings["null_embeddings"][None], "mask": embeddings["null_mask"][None]}
                 if negative is not None:
                     neg = _rows(negative, len(items))
                     for i, item in enumerate(items):

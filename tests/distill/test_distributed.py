@@ -17,6 +17,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.xdist_group("distributed")   # one worker: the single-process runs are made once
 import torch
 from safetensors.torch import load_file
 
@@ -29,6 +31,7 @@ COMMON = ["--data", "digits", "--samples", "32", "--shard-size", "16", "--steps1
           "--steps2", "3", "--batch2", "4", "--lr2", "1e-3", "--warmup2", "0", "--no-progress", "--ckpt-every", "3",
           "--log-every", "1", "--device", "cpu"]
 ATOL = 1e-6
+STAGE1, STAGE2 = ["--stage", "1"], ["--stage", "2"]
 
 
 def _free_port() -> int:
@@ -76,17 +79,30 @@ def _stage2_model(run) -> dict[str, torch.Tensor]:
     return {k: torch.cat([s[k] for s in shards]) if k in sharded else shards[0][k] for k in shards[0]}
 
 
-def _assert_follows_single(t, run):
-    one, other = _stage2_model(t / "one"), _stage2_model(run)
+def _assert_follows_single(t, run, single="one"):
+    """``run``'s stage-2 weights within ATOL of the single process's (``t/single``), which
+    stage 2 really moved, by far more than the tolerance (from the teacher and, after stage 1,
+    its trained operators)."""
+    one, other = _stage2_model(t / single), _stage2_model(run)
     assert one.keys() == other.keys()
     diffs = {k: (one[k] - other[k]).abs().max().item() for k in one}
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= ATOL, f"{run.name}: {worst} differs by {diffs[worst]:.3g} from the single-process run"
-    # ... and stage 2 really moved the weights, by far more than the tolerance
-    start = {**load_file(str(t / "teacher.safetensors")),
-             **CheckpointStore(t / "one" / "stage1" / "checkpoint").require().tensors("params")}
-    moved = [k for k in one if k in start and (one[k] - start[k]).abs().max().item() > 100 * ATOL]
-    assert len(moved) > 0.8 * len(one), f"only {len(moved)} of {len(one)} tensors moved in stage 2"
+    start = load_file(str(t / "teacher.safetensors"))
+    stage1 = CheckpointStore(t / single / "stage1" / "checkpoint").latest()
+    if stage1 is not None:
+        start.update(stage1.tensors("params"))
+    known = [k for k in one if k in start and start[k].shape == one[k].shape]
+    moved = [k for k in known if (one[k] - start[k]).abs().max().item() > 100 * ATOL]
+    assert len(known) >= 0.5 * len(one) and len(moved) > 0.8 * len(known), f"only {len(moved)} tensors moved"
+
+
+@pytest.fixture(scope="module")
+def single2(single):
+    """Stage 2 alone (the spliced operators as initialised, no stage 1), one process: what the
+    FSDP runs, stage 2 alone too, are compared with."""
+    _run(_base(single) + STAGE2 + ["--out", str(single / "one2")])
+    return single / "one2"
 
 
 def _stopped_and_resumed(argv, nproc):
@@ -96,12 +112,13 @@ def _stopped_and_resumed(argv, nproc):
 
 
 def test_stage1_two_ranks_equal_one_process_and_stage2_ddp_resumes_and_follows_it(single):
-    """Stage 1 sharded over 2 ranks equals one process exactly. Stage 2 under DDP, stopped after
-    step 2 and resumed, follows one uninterrupted process: on resume rank 0 alone reads its
+    """Stage 1 sharded over 2 ranks equals one process exactly. Stage 2 under DDP (each block
+    recomputed in backward: exact), stopped after step 2 and resumed, follows one uninterrupted
+    process: on resume rank 0 alone reads its
     checkpoint and sends the state to the other rank by collectives (no shared files); a rank
     resuming from anything else would train other weights and move them by O(lr)."""
     t = single
-    _stopped_and_resumed(_base(t) + ["--out", str(t / "two")], nproc=2)
+    _stopped_and_resumed(_base(t) + ["--out", str(t / "two"), "--activation-checkpointing"], nproc=2)
     root = t / "two" / "stage1" / "checkpoint"
     assert (root / "rank1" / "step-0000006" / "params.safetensors").is_file()
     assert not list(root.glob("step-*")), "per-rank runs write per-rank checkpoint folders only"
@@ -117,7 +134,7 @@ def test_stage1_two_ranks_equal_one_process_and_stage2_ddp_resumes_and_follows_i
         assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss/total"]) for r in rows)
 
 
-def test_stage2_fsdp_resumes_from_each_ranks_shards_follows_one_process_and_exports(single):
+def test_stage2_fsdp_resumes_from_each_ranks_shards_follows_one_process_and_exports(single, single2):
     """FSDP2 in fp32, each block one unit recomputed in backward (the FSDP default), stopped after
     step 2 and resumed, every rank from its own shard folder (parameters, EMA, AdamW moments):
     it follows one uninterrupted process within the fp32 ATOL, and its export loads."""
@@ -125,16 +142,16 @@ def test_stage2_fsdp_resumes_from_each_ranks_shards_follows_one_process_and_expo
     from graftfx.models import load_dit
 
     t = single
-    _stopped_and_resumed(_base(t) + ["--out", str(t / "fsdp"), "--parallel", "fsdp", "--fsdp-precision", "fp32"],
-                         nproc=2)
+    fsdp = _base(t) + STAGE2 + ["--out", str(t / "fsdp"), "--parallel", "fsdp", "--fsdp-precision", "fp32"]
+    _stopped_and_resumed(fsdp, nproc=2)
     for rank in (0, 1):
         store = CheckpointStore(t / "fsdp" / "stage2" / "checkpoint" / f"rank{rank}-of-2")
         ckpt = store.require()
         assert store.steps() == [2, 3] and ckpt.meta["sharded"] is True and ckpt.has("train")
-    _assert_follows_single(t, t / "fsdp")
+    _assert_follows_single(t, t / "fsdp", single="one2")
     # a fresh base for each: load_grafted loads the finetuned weights into the modules it shares with the base
     grafted = graftfx.load_grafted(load_dit(t / "teacher.safetensors"), t / "fsdp" / "grafted")
-    single_export = graftfx.load_grafted(load_dit(t / "teacher.safetensors"), t / "one" / "grafted")
+    single_export = graftfx.load_grafted(load_dit(t / "teacher.safetensors"), single2 / "grafted")
     x = load_dit(t / "teacher.safetensors").example_inputs(2)
     with torch.no_grad():
         out, want = grafted(*x), single_export(*x)
@@ -144,8 +161,8 @@ def test_stage2_fsdp_resumes_from_each_ranks_shards_follows_one_process_and_expo
 BF16_RTOL = 1e-2   # bf16 keeps 8 mantissa bits: a loss of ~1 moves by ~4e-3 per rounding, in either direction
 # bf16 rounding changes each gradient by ~0.4% relative; AdamW's normalised step (lr = 1e-3) turns
 # that into tiny weight differences, except where a gradient element is near zero and rounding
-# flips its sign: those move by up to lr either way. Measured after 3 steps: mean |diff| 5.4e-6, and
-# 0.27% of the elements differ by more than 1e-4. A real mismatch (a lost slice, other batches,
+# flips its sign: those move by up to lr either way. Measured after 3 steps of stage 2 alone: mean
+# |diff| 6.4e-6, and 0.39% of the elements differ by more than 1e-4. A real mismatch (a lost slice, other batches,
 # gradients not averaged) moves most elements by O(lr): mean ~1e-4..1e-3, most of them past 1e-4.
 BF16_MEAN, BF16_FAR = 5e-5, 0.02
 
@@ -158,24 +175,23 @@ def _global_losses(run, world) -> list[float]:
     return [sum(v) / world for v in zip(*per_rank)]
 
 
-def test_stage2_fsdp_bf16_follows_the_loss_curve_of_one_fp32_process(single):
+def test_stage2_fsdp_bf16_follows_the_loss_curve_of_one_fp32_process(single, single2):
     """FSDP2 with bf16 parameters in forward and backward (fp32 reduction and master weights;
     tests/training/test_fsdp.py checks the dtypes): the same loss curve as one fp32 process within
     bf16 rounding, and weights within what bf16 rounding moves (BF16_MEAN, BF16_FAR above)."""
     t = single
-    _run(_base(t) + ["--out", str(t / "bf16"), "--parallel", "fsdp"], nproc=2)
-    want, got = _global_losses(t / "one", 1), _global_losses(t / "bf16", 2)
+    _run(_base(t) + STAGE2 + ["--out", str(t / "bf16"), "--parallel", "fsdp"], nproc=2)
+    want, got = _global_losses(single2, 1), _global_losses(t / "bf16", 2)
     assert len(want) == len(got) == 3
     for a, b in zip(want, got):
         assert abs(a - b) <= BF16_RTOL * abs(a), (want, got)
-    one, bf16 = _stage2_model(t / "one"), _stage2_model(t / "bf16")
+    one, bf16 = _stage2_model(single2), _stage2_model(t / "bf16")
     diff = torch.cat([(one[k] - bf16[k]).abs().flatten() for k in one])
     assert diff.mean().item() <= BF16_MEAN and (diff > 1e-4).float().mean().item() <= BF16_FAR, (
         diff.mean().item(), (diff > 1e-4).float().mean().item())
 
 
 # ------------------------------------------------------------------ scale-out (stage 1)
-STAGE1 = ["--stage", "1"]
 
 
 def _stage1_params(run) -> dict[str, torch.Tensor]:

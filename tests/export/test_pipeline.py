@@ -179,3 +179,27 @@ def test_load_errors_name_the_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(GraftError, match="graft.json"):
         load_grafted_transformer(tmp_path / "empty")
+
+
+def test_sample_guides_with_the_empty_caption_the_embeddings_carry(pixart, vae):
+    """``graftfx data captions`` stores the empty caption's embedding; ``sample_images`` guides
+    with it when no --negative is given: the same images as the pipeline called with it."""
+    from graftfx.sample.sample import sample_images
+
+    base = pixart[0]
+    p = prompts()
+    null, null_mask = p["negative_prompt_embeds"][0], p["negative_prompt_attention_mask"][0]
+    _, pipe = run_pixart(base, vae, steps=1)
+    embeddings = {"embeddings": p["prompt_embeds"], "mask": p["prompt_attention_mask"],
+                  "null_embeddings": null, "null_mask": null_mask}
+    got, settings = sample_images(pipe, embeddings=embeddings, steps=2, seed=3, guidance=4.5, height=16, width=16,
+                                  progress=False)
+    want = pipe(prompt_embeds=p["prompt_embeds"], prompt_attention_mask=p["prompt_attention_mask"],
+                negative_prompt_embeds=null.expand(2, -1, -1), negative_prompt_attention_mask=null_mask.expand(2, -1),
+                negative_prompt=None, num_inference_steps=2, guidance_scale=4.5, height=16, width=16,
+                generator=torch.Generator().manual_seed(3), output_type="pt", use_resolution_binning=False).images
+    assert settings["guidance"] == 4.5
+    assert torch.equal(got, torch.as_tensor(want).float() * 2 - 1)
+    without = {k: v for k, v in embeddings.items() if not k.startswith("null")}
+    with pytest.raises(GraftError, match="needs negative prompt embeddings"):
+        sample_images(pipe, embeddings=without, steps=1, guidance=4.5, height=16, width=16, progress=False)
