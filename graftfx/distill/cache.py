@@ -236,16 +236,19 @@ def estimate_bytes(shapes: dict, spec: CacheSpec) -> int:
 
 
 def write_cache(folder, traced, taps: list[Tap], calib: CalibrationSet, spec: CacheSpec, *,
-                batch_size: int = 32, progress: bool = True, log=print) -> Path:
+                batch_size: int = 32, progress: bool = True, log=print, writer: dict | None = None) -> Path:
     """Record the teacher on ``calib`` into ``folder``; resumes an interrupted write. Holds the
-    folder's lock for the whole write (a second writer waits)."""
+    folder's lock for the whole write (a second writer waits). ``writer`` (``{"rank": r, "world":
+    w}`` under torchrun) goes into the index as a record of who wrote it; readers do not check it,
+    so a run of another world size reuses the folder."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GraftError(f"cache folder {folder} cannot be created: {e.strerror or e}; give another --cache") from None
     with cache_lock(folder, log):
-        return _write_cache(folder, traced, taps, calib, spec, batch_size=batch_size, progress=progress, log=log)
+        return _write_cache(folder, traced, taps, calib, spec, batch_size=batch_size, progress=progress, log=log,
+                            writer=writer)
 
 
 @contextlib.contextmanager
@@ -292,10 +295,12 @@ def _disk_error(e: OSError, folder: Path, what: Path) -> GraftError:
                       "space (or give another --cache) and rerun the same command to continue")
 
 
-def _write_cache(folder: Path, traced, taps, calib, spec, *, batch_size, progress, log) -> Path:
+def _write_cache(folder: Path, traced, taps, calib, spec, *, batch_size, progress, log, writer=None) -> Path:
     shapes = field_shapes(traced, taps)
     need = estimate_bytes(shapes, spec)
     index = _open_index(folder, spec, taps, shapes)
+    if writer is not None:
+        index.setdefault("writer", dict(writer))
     done_bytes = sum((folder / s["file"]).stat().st_size for shards in index["shards"].values() for s in shards
                      if (folder / s["file"]).exists())
     free = shutil.disk_usage(folder).free

@@ -266,7 +266,8 @@ def _rank_cache(root: Path, traced, taps, calib, spec, expect, rank: int, world:
     if missing:
         folder = root / f"rank{rank}-of-{world}"
         write_cache(folder, traced, missing, calib, spec, batch_size=settings.record_batch,
-                    progress=progress and rank == 0, log=log if rank == 0 else (lambda *a, **k: None))
+                    progress=progress and rank == 0, log=log if rank == 0 else (lambda *a, **k: None),
+                    writer={"rank": rank, "world": world})
         cache = ActivationCache(folder, taps=missing, **expect)
         found.update({t.path: cache for t in missing})
     return found

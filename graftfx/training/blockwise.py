@@ -16,6 +16,7 @@ computes exactly the same thing, its parameters the model's own (shared, not cop
 from __future__ import annotations
 
 import copy
+import operator
 import re
 from dataclasses import dataclass
 
@@ -24,7 +25,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from graftfx.trace.tracer import PATH
+from graftfx.errors import GraftError
+from graftfx.trace.meta import PATH
 
 _BLOCK = re.compile(r"^(.*?[A-Za-z_][A-Za-z0-9_]*\.\d+)(?:\.|$)")
 
@@ -75,9 +77,7 @@ def split_blocks(gm: fx.GraphModule, *, activation_checkpointing: bool = False) 
         key = block_of(node)
         if key not in deep:
             continue
-        if runs and runs[-1][0] == key and runs[-1][1][-1].next is node:
-            runs[-1][1].append(node)
-        elif runs and runs[-1][0] == key and _only_skipped_between(runs[-1][1][-1], node):
+        if runs and runs[-1][0] == key and _only_skipped_between(runs[-1][1][-1], node):
             runs[-1][1].append(node)
         else:
             runs.append((key, [node]))
@@ -86,6 +86,7 @@ def split_blocks(gm: fx.GraphModule, *, activation_checkpointing: bool = False) 
     runs = [(key, nodes) for i, (key, nodes) in enumerate(runs) if _owns_state(i, nodes, owner, gm)]
     unit_of = {n: i for i, (_, nodes) in enumerate(runs) for n in nodes}
     owner = _owners(graph, unit_of)
+    _check_modules_not_shared(gm, unit_of)
 
     new = fx.Graph()
     new._codegen = copy.deepcopy(graph._codegen)
@@ -101,13 +102,13 @@ def split_blocks(gm: fx.GraphModule, *, activation_checkpointing: bool = False) 
                 continue
             built.add(i)
             name = f"unit{len(units)}"
-            unit, inputs, outputs = _unit(gm, runs[i][1], i, owner, unit_of)
+            unit, inputs, outputs = _unit(gm, runs[i][1], i, owner)
             units[name] = Checkpointed(unit) if activation_checkpointing else unit
             blocks[name] = runs[i][0]
             call = new.call_module(name, tuple(env[x] for x in inputs))
             call.meta[PATH] = runs[i][0]
             for k, out in enumerate(outputs):
-                env[out] = new.call_function(_pick, (call, k)) if len(outputs) > 1 else call
+                env[out] = new.call_function(operator.getitem, (call, k)) if len(outputs) > 1 else call
             continue
         if node.op == "get_attr":
             if owner.get(node) is not None:
@@ -121,10 +122,6 @@ def split_blocks(gm: fx.GraphModule, *, activation_checkpointing: bool = False) 
     ids = {id(p): n for n, p in gm.named_parameters(remove_duplicate=False)}
     names = {n: ids[id(p)] for n, p in module.named_parameters() if id(p) in ids}
     return BlockSplit(module, units, blocks, names)
-
-
-def _pick(values, k: int):
-    return values[k]
 
 
 def _fetch(gm: fx.GraphModule, target: str):
@@ -154,6 +151,19 @@ def _owners(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> dict[fx.Node, int |
     return owner
 
 
+def _check_modules_not_shared(gm: fx.GraphModule, unit_of: dict[fx.Node, int]) -> None:
+    """A module with parameters called from two units (or a unit and the rest: a module tied
+    between blocks) would belong to two FSDP units at once."""
+    where: dict[str, set] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
+            where.setdefault(node.target, set()).add(unit_of.get(node))
+    shared = sorted(t for t, units in where.items() if len(units) > 1)
+    if shared:
+        raise GraftError(f"module {shared[0]} is called from {len(where[shared[0]])} places in different blocks, so "
+                         "it cannot belong to one block unit; fix: use --parallel ddp (no block units) for this model")
+
+
 def _owns_state(i: int, nodes: list[fx.Node], owner: dict, gm: fx.GraphModule) -> bool:
     """A run becomes a unit only when it holds parameters (else its nodes stay outside)."""
     if any(n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters()) for n in nodes):
@@ -161,7 +171,7 @@ def _owns_state(i: int, nodes: list[fx.Node], owner: dict, gm: fx.GraphModule) -
     return any(o == i and isinstance(_fetch(gm, g.target), nn.Parameter) for g, o in owner.items())
 
 
-def _unit(gm: fx.GraphModule, nodes: list[fx.Node], i: int, owner: dict, unit_of: dict):
+def _unit(gm: fx.GraphModule, nodes: list[fx.Node], i: int, owner: dict):
     """The GraphModule running ``nodes``; its inputs (outer nodes) and outputs (used outside)."""
     inside = set(nodes)
     outside = [n for n in dict.fromkeys(m for node in nodes for m in node.all_input_nodes) if n not in inside]

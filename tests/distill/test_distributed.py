@@ -212,7 +212,9 @@ def test_four_ranks_with_four_node_local_caches_equal_one_process(single):
     for rank in range(4):
         folders = sorted(p.name for p in (t / f"node{rank}").iterdir())
         assert folders == [f"rank{rank}-of-4"], folders
-        regions = list(json.loads((t / f"node{rank}" / folders[0] / "index.json").read_text())["regions"])
+        index = json.loads((t / f"node{rank}" / folders[0] / "index.json").read_text())
+        assert index["writer"] == {"rank": rank, "world": 4} and index["samples"] == 32
+        regions = list(index["regions"])
         assert len(regions) == 1, regions           # 4 regions of similar cost over 4 ranks: one each
         held += regions
     assert sorted(held) == ["blocks.1.attn", "blocks.1.mlp", "blocks.3.attn", "blocks.3.mlp"]

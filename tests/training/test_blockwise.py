@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 import graftfx
+from graftfx.errors import GraftError
 from graftfx.training.blockwise import Checkpointed, split_blocks
 
 from .._distill_job import tiny_digits_dit, tiny_rules
@@ -103,3 +105,29 @@ def test_checkpointing_recomputes_every_block_in_backward(dit):
     with torch.no_grad():   # nothing to recompute without autograd
         split.module(*make(2))
     assert len(calls) == 4
+
+
+def test_a_module_tied_between_blocks_is_a_clear_error():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.lin(torch.tanh(self.out(x)))   # block 1's call of the tied Linear sits inside it
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.blocks[1].lin = self.blocks[0].lin          # one Linear in both blocks
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    g = graftfx.trace(Tied(), (torch.randn(2, 4),)).gm
+    with pytest.raises(GraftError, match=r"^module blocks\.0\.lin is called from 2 places .*; fix: use --parallel ddp"):
+        split_blocks(g)
