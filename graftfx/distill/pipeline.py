@@ -129,8 +129,8 @@ def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor | None,
     The data: clean ``latents`` (N, C, H, W) with their conditioning — ``labels`` (N,) for
     class-conditional models, ``conditioning`` (``embeddings`` (N, S, D), ``mask`` (N, S)) for
     text-conditional ones, with ``unconditional`` (the empty caption's ``embeddings`` (S, D) and
-    ``mask`` (S,)) for stage 2's conditioning dropout — noised by ``schedule`` (default: the model's, DDPM linear 1000
-    steps); the model is called through ``adapter`` (default: ``adapter_for(model)``). Or
+    ``mask`` (S,)) for stage 2's conditioning dropout — noised by ``schedule`` (default: the
+    model's, DDPM linear 1000 steps); the model is called through ``adapter`` (default: ``adapter_for(model)``). Or
     ``ready``: calibration inputs prepared by the user (stage 1 only).
 
     ``cache``: a cache folder (or an opened ActivationCache) holding at least the plan's regions,
@@ -192,15 +192,18 @@ def distill_plan(plan: Plan, latents: torch.Tensor, labels: torch.Tensor | None,
         else:
             root = Path(settings.cache.replace("{rank}", str(rank)) if settings.cache else out / "cache")
             spec = CacheSpec(settings.samples, settings.shard_size, settings.cache_dtype, seed, model_hash, data_hash)
-            found = find_cached(root, taps, **expect) if world == 1 and root.is_dir() else {}
-            if world == 1 and len(found) == len(taps) and not (root / CACHE_INDEX).exists():
-                # the rank folders of an earlier run at another world size: every region is there
-                source = ShardedCache(found)
-                say(f"teacher activations: reused from {len({id(c) for c in found.values()})} folder(s) under {root}")
-            elif world == 1:
-                write_cache(root, traced, taps, calib, spec, batch_size=settings.record_batch, progress=progress,
-                            log=say)
-                source = ActivationCache(root, taps=taps, **expect)
+            if world == 1:
+                # a root of rank folders (an earlier run at another world size) may hold every region
+                of_ranks = root.is_dir() and not (root / CACHE_INDEX).exists()
+                found = find_cached(root, taps, **expect) if of_ranks else {}
+                if len(found) == len(taps):
+                    source = ShardedCache(found)
+                    folders = len({id(c) for c in found.values()})
+                    say(f"teacher activations: reused from {folders} folder(s) under {root}")
+                else:
+                    write_cache(root, traced, taps, calib, spec, batch_size=settings.record_batch, progress=progress,
+                                log=say)
+                    source = ActivationCache(root, taps=taps, **expect)
             else:   # every rank records only its regions, into its own folder (node-local is fine)
                 source = ShardedCache(_rank_cache(root, traced, mine, calib, spec, expect, rank, world, settings,
                                                   progress, log))

@@ -189,7 +189,7 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor |
     sampler = torch.Generator().manual_seed(cfg.seed * 7919)  # the same on every rank: one global batch
     metrics = Metrics(out / (f"metrics-rank{rank}.jsonl" if world > 1 else "metrics.jsonl"))
     start, last = 0, float("nan")
-    state = _State(grafted, model if fsdp else grafted, split.names if fsdp else None, opt, sched, ema, sampler)
+    state = _State(grafted, split if fsdp else None, opt, sched, ema, sampler)
     if resume and fsdp:   # every rank its own shards, from the newest step all ranks have
         ckpt = agreed_checkpoint(store, world, "stage 2")
         start, last = state.load(ckpt), float(ckpt.meta.get("loss", last))
@@ -273,15 +273,15 @@ def train_stage2(grafted, teacher, latents: torch.Tensor, labels: torch.Tensor |
         last = values["loss/total"]
         return {**values, "lr": sched.get_last_lr()[0]}
 
-    def log(done: int, window: list[dict]) -> str:
+    def log_metrics(done: int, window: list[dict]) -> str:
         metrics.log({"step": done, **window[-1]})
         return f"loss={last:.4g}"
 
     def checkpoint(done: int) -> None:
         if rank == 0 or fsdp:
-            state.save(store, done, {"config": asdict(cfg), "loss": last, "world": world if fsdp else 1})
+            state.save(store, done, {"config": asdict(cfg), "loss": last})
 
-    run_steps("stage 2", start=start, total=cfg.steps, step=step, log=log, checkpoint=checkpoint,
+    run_steps("stage 2", start=start, total=cfg.steps, step=step, log=log_metrics, checkpoint=checkpoint,
               log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, store=store,
               hint="lower the stage 2 lr (--lr2) and start again without --resume", progress=progress and rank == 0)
     if fsdp:   # the trained values back into the grafted model, unsharded
@@ -310,8 +310,10 @@ class _State:
     block split (``names`` maps its parameter names to the grafted model's), saved shard by shard.
     """
 
-    def __init__(self, grafted, module, names, opt, sched, ema, sampler):
-        self.grafted, self.module, self.names = grafted, module, names
+    def __init__(self, grafted, split, opt, sched, ema, sampler):
+        self.grafted = grafted
+        self.module = split.module if split is not None else grafted
+        self.names = split.names if split is not None else None
         self.opt, self.sched, self.ema, self.sampler = opt, sched, ema, sampler
 
     def model_state(self) -> dict[str, torch.Tensor]:
